@@ -1,0 +1,52 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BEANIE1 := .venv/beanie1
+PY := $(VENV)/bin/python
+PY1 := $(BEANIE1)/bin/python
+PIP_FLAGS := --quiet --disable-pip-version-check
+
+.PHONY: demo test test-beanie2 test-beanie1 check lint docs bench clean
+
+# Beanie 2 on PyMongo's async client: the primary stack.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,server,bench]'
+	touch $@
+
+# Beanie 1.x on Motor, with mongomock-motor as the in-process backend.
+$(BEANIE1)/.installed: pyproject.toml $(VENV)/.installed
+	$(PYTHON) -m venv $(BEANIE1)
+	$(PY1) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY1) -m pip install $(PIP_FLAGS) -e '.[dev,server,motor]' 'beanie>=1.26,<2' 'mongomock-motor>=0.0.34'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m beanie_tasks.demo
+
+test: check test-beanie2 test-beanie1
+
+test-beanie2: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-beanie1: $(BEANIE1)/.installed
+	$(PY1) -m pytest -q $(PYTEST_ARGS)
+
+check: $(VENV)/.installed
+	$(VENV)/bin/ruff check beanie_tasks tests bench
+	$(VENV)/bin/ruff format --check beanie_tasks tests bench
+	$(VENV)/bin/mypy
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix beanie_tasks tests bench
+	$(VENV)/bin/ruff format beanie_tasks tests bench
+
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
+
+bench: $(VENV)/.installed
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""Everything that differs between Beanie 2 (PyMongo async) and Beanie 1 (Motor), and nothing else."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import beanie
+from beanie import Document
+from pymongo.errors import OperationFailure
+
+BEANIE_MAJOR = int(beanie.__version__.split(".")[0])
+
+
+def collection_of(document: type[Document]) -> Any:
+    """The raw async collection behind a Beanie document class."""
+    if BEANIE_MAJOR >= 2:
+        return document.get_pymongo_collection()
+    return document.get_motor_collection()  # type: ignore[attr-defined]
+
+
+def client_for(uri: str, **options: Any) -> Any:
+    """An async client of the kind the installed Beanie accepts."""
+    options.setdefault("tz_aware", True)
+    if BEANIE_MAJOR >= 2:
+        from pymongo import AsyncMongoClient
+
+        return AsyncMongoClient(uri, **options)
+    from motor.motor_asyncio import AsyncIOMotorClient
+
+    return AsyncIOMotorClient(uri, **options)
+
+
+async def close_client(client: Any) -> None:
+    outcome = client.close()
+    if inspect.isawaitable(outcome):
+        await outcome
+
+
+async def open_change_stream(collection: Any, pipeline: list[dict[str, Any]]) -> Any | None:
+    """A change stream on ``collection``, or None where the server or the mock has none."""
+    watch = getattr(collection, "watch", None)
+    if watch is None or not callable(watch):
+        return None
+    try:
+        stream = watch(pipeline)
+        if inspect.isawaitable(stream):
+            stream = await stream
+    except (NotImplementedError, TypeError, AttributeError, OperationFailure):
+        return None
+    return stream
+
+
+def is_mock(collection: Any) -> bool:
+    return any(cls.__module__.startswith("mongomock") for cls in type(collection).__mro__)
+
+
+def only_present(field: str, collection: Any) -> dict[str, Any]:
+    """Index options that skip documents lacking ``field``.
+
+    A partial index is right on MongoDB; mongomock ignores partial filters, so it gets
+    the equivalent sparse index (the field is only ever absent, never null).
+    """
+    if is_mock(collection):
+        return {"sparse": True}
+    return {"partialFilterExpression": {field: {"$type": "string"}}}
+
+
+async def aggregate(collection: Any, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cursor = collection.aggregate(pipeline)
+    if inspect.isawaitable(cursor):
+        cursor = await cursor
+    return [row async for row in cursor]

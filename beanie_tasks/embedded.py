@@ -1,0 +1,143 @@
+"""Start a throw-away SecantusDB server (the ``server`` extra) for demos, local work and tests.
+
+SecantusDB is GPL-2.0 and runs as a separate process reached over TCP; it is never
+imported, and it is not a runtime dependency of beanie-tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVER_COMMAND = "secantusd-py"
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded server could not be started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_executable() -> str:
+    beside_python = Path(sys.executable).with_name(SERVER_COMMAND)
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(SERVER_COMMAND)
+    if found is None:
+        raise EmbeddedServerError(
+            f"{SERVER_COMMAND} not found: install the embedded server with "
+            "pip install 'beanie-tasks[server]' (SecantusDB, GPL-2.0), or set MONGODB_URI"
+        )
+    return found
+
+
+@dataclass
+class EmbeddedServer:
+    """One ``secantusd-py`` process on 127.0.0.1.
+
+    ``storage_path=None`` keeps data in memory; a path keeps it across restarts, which
+    the fault tests use to stop and start the same server.
+    """
+
+    port: int = field(default_factory=free_port)
+    storage_path: str | None = None
+    host: str = "127.0.0.1"
+    ttl_sweep_seconds: float = 60.0
+    enable_test_commands: bool = False
+    log_path: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+    _config_dir: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/?directConnection=true"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self._config_dir = self._config_dir or tempfile.mkdtemp(prefix="beanie-tasks-server-")
+        config = Path(self._config_dir, "secantusd.toml")
+        config.write_text(f"[storage]\nttl_sweep_seconds = {self.ttl_sweep_seconds}\n")
+        command = [
+            server_executable(),
+            "--config", str(config),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--storage-path", self.storage_path or ":memory:",
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+        if self.enable_test_commands:
+            command.append("--enable-test-commands")
+        log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        self._wait_until_listening(timeout)
+        return self
+
+    def _wait_until_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise EmbeddedServerError(f"{SERVER_COMMAND} exited with code {self.process.returncode} on port {self.port}")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedServerError(f"{SERVER_COMMAND} did not listen on port {self.port} within {timeout:.0f}s")
+
+    def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        if self._config_dir is not None:
+            shutil.rmtree(self._config_dir, ignore_errors=True)
+            self._config_dir = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def embedded_server(**options: object) -> Iterator[EmbeddedServer]:
+    with EmbeddedServer(**options).start() as server:  # type: ignore[arg-type]
+        yield server
+
+
+@contextlib.contextmanager
+def server_uri() -> Iterator[str]:
+    """``MONGODB_URI`` when set, else the URI of an embedded server that lives for the block."""
+    configured = os.environ.get("MONGODB_URI")
+    if configured:
+        yield configured
+        return
+    with EmbeddedServer() as server:
+        yield server.uri

@@ -1,0 +1,116 @@
+"""Waking idle consumers: a change stream where the server has one, else polling with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from beanie_tasks.driver import open_change_stream
+
+log = logging.getLogger("beanie_tasks.wakeup")
+
+# Inserts, and updates that make a task claimable again (retry, release, unblocking).
+CLAIMABLE_CHANGES: list[dict[str, Any]] = [
+    {
+        "$match": {
+            "$or": [
+                {"operationType": "insert"},
+                {"updateDescription.updatedFields.state": "CREATED"},
+                {"updateDescription.updatedFields.run_at": {"$exists": True}},
+            ]
+        }
+    }
+]
+
+
+class Wakeup:
+    """Sleeps until something worth a claim attempt happens, or a bounded time passes.
+
+    With a change stream, ``wait`` returns within milliseconds of a push and otherwise
+    after ``idle_timeout`` (so delayed tasks and expired leases are still noticed).
+    Without one, it polls: the delay doubles from ``min_poll`` to ``max_poll`` while
+    idle and drops back to ``min_poll`` whenever a claim succeeds.
+    """
+
+    def __init__(
+        self,
+        collection: Any,
+        *,
+        pipeline: list[dict[str, Any]] | None = None,
+        min_poll: float = 0.05,
+        max_poll: float = 0.5,
+        idle_timeout: float = 1.0,
+        use_change_stream: bool = True,
+    ) -> None:
+        self._collection = collection
+        self._pipeline = pipeline if pipeline is not None else CLAIMABLE_CHANGES
+        self._min_poll = min(min_poll, max_poll)
+        self._max_poll = max_poll
+        self._idle_timeout = idle_timeout
+        self._use_change_stream = use_change_stream
+        self._poll = self._min_poll
+        self._event = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._streaming = False
+
+    @property
+    def streaming(self) -> bool:
+        """True while a change stream is delivering events."""
+        return self._streaming
+
+    async def start(self) -> None:
+        if not self._use_change_stream or self._watcher is not None:
+            return
+        stream = await open_change_stream(self._collection, self._pipeline)
+        if stream is None:
+            log.debug("no change stream on this server; polling with backoff")
+            return
+        self._streaming = True
+        self._watcher = asyncio.create_task(self._watch(stream))
+
+    async def _watch(self, stream: Any) -> None:
+        try:
+            async with stream:
+                async for _change in stream:
+                    self._event.set()
+        except asyncio.CancelledError:
+            raise
+        except PyMongoError as exc:
+            log.info("change stream closed (%s); falling back to polling", type(exc).__name__)
+        finally:
+            self._streaming = False
+
+    def notify(self) -> None:
+        """Wake the waiter now (used by the process that pushed, and by stop signals)."""
+        self._event.set()
+
+    def claimed(self) -> None:
+        """A claim succeeded: poll eagerly again."""
+        self._poll = self._min_poll
+
+    async def wait(self) -> None:
+        timeout = self._idle_timeout if self._streaming else self._poll
+        if not self._streaming:
+            self._poll = min(self._poll * 2, self._max_poll)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PyMongoError):
+                await self._watcher
+            self._watcher = None
+        self._streaming = False
+
+    async def __aenter__(self) -> Wakeup:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
