@@ -7,6 +7,7 @@ imported, and it is not a runtime dependency of beanie-tasks.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -45,6 +46,26 @@ def server_executable() -> str:
     return found
 
 
+# secantusdb 0.7.0b3 reads ``[storage] ttl_sweep_seconds`` from its config file but never
+# hands it to the server, so expiry would only run every 60s. When the server's package is
+# importable here, start its CLI through this shim, which passes the interval explicitly.
+_SWEEP_SHIM = (
+    "import functools, sys\n"
+    "from secantus import cli\n"
+    "sweep = float(sys.argv.pop(1))\n"
+    "cli.SecantusDBServer = functools.partial(cli.SecantusDBServer, ttl_sweep_seconds=sweep)\n"
+    "sys.exit(cli.main())\n"
+)
+
+
+def server_launcher(ttl_sweep_seconds: float) -> list[str]:
+    """The command that starts the server, before its options."""
+    executable = server_executable()
+    if importlib.util.find_spec("secantus") is None:
+        return [executable]
+    return [sys.executable, "-c", _SWEEP_SHIM, str(float(ttl_sweep_seconds))]
+
+
 @dataclass
 class EmbeddedServer:
     """One ``secantusd-py`` process on 127.0.0.1.
@@ -73,7 +94,7 @@ class EmbeddedServer:
         config = Path(self._config_dir, "secantusd.toml")
         config.write_text(f"[storage]\nttl_sweep_seconds = {self.ttl_sweep_seconds}\n")
         command = [
-            server_executable(),
+            *server_launcher(self.ttl_sweep_seconds),
             "--config", str(config),
             "--host", self.host,
             "--port", str(self.port),
@@ -93,7 +114,9 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise EmbeddedServerError(f"{SERVER_COMMAND} exited with code {self.process.returncode} on port {self.port}")
+                raise EmbeddedServerError(
+                    f"{SERVER_COMMAND} exited with code {self.process.returncode} on port {self.port}"
+                )
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
                 return
             time.sleep(0.05)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+
+from croniter import croniter
 
 from beanie_tasks.retry import Backoff
 
@@ -26,6 +30,78 @@ def _seconds(name: str, value: Any, *, allow_none: bool = False) -> Seconds | No
     return float(value)
 
 
+def _check_schedule(options: TaskOptions) -> None:
+    """A periodic class declares either ``cron`` or ``every``; both are checked at import."""
+    if options.cron is not None:
+        if not isinstance(options.cron, str) or not croniter.is_valid(options.cron):
+            raise ValueError(
+                f"TaskSettings.cron must be a valid cron expression (croniter syntax), got {options.cron!r}"
+            )
+        if options.every is not None:
+            raise ValueError("TaskSettings: declare either cron or every, not both")
+    if options.every is not None:
+        every = _seconds("every", options.every)
+        if every is not None and every < 1:
+            raise ValueError(f"TaskSettings.every must be at least 1 second, got {every!r}")
+        object.__setattr__(options, "every", every)
+
+
+_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE_TEXT = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([a-z]+)\s*$")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` task starts per ``per`` seconds (a fixed window, aligned to the epoch)."""
+
+    count: int
+    per: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"a rate limit needs a whole count >= 1, got {self.count!r}")
+        if isinstance(self.per, bool) or not isinstance(self.per, (int, float)) or not self.per > 0:
+            raise ValueError(f"a rate limit window must be > 0 seconds, got {self.per!r}")
+
+    @classmethod
+    def parse(cls, name: str, value: Any) -> RateLimit | None:
+        """Accept ``RateLimit``, ``"10/s"``, ``"100/m"``, ``"5/2s"``, ``"3/h"`` or ``(count, seconds)``."""
+        if value is None or isinstance(value, RateLimit):
+            return value
+        if isinstance(value, str):
+            match = _RATE_TEXT.match(value.lower())
+            if match is None or match.group(3) not in _UNITS:
+                raise ValueError(f"TaskSettings.{name} {value!r} is not a rate like '10/s', '100/m', '5/2s' or '3/h'")
+            multiple = float(match.group(2)) if match.group(2) else 1.0
+            return cls(int(match.group(1)), multiple * _UNITS[match.group(3)])
+        if isinstance(value, tuple) and len(value) == 2:
+            per = value[1].total_seconds() if isinstance(value[1], timedelta) else value[1]
+            try:
+                return cls(value[0], per)
+            except ValueError as exc:
+                raise ValueError(f"TaskSettings.{name}: {exc}") from None
+        raise TypeError(
+            f"TaskSettings.{name} must be a RateLimit, a string like '10/s' or (count, seconds), got {value!r}"
+        )
+
+    def window(self, now: float) -> tuple[int, float]:
+        """The index of the window ``now`` falls in, and the epoch second it ends."""
+        index = math.floor(now / self.per)
+        return index, (index + 1) * self.per
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.per:g}s"
+
+
+def _check_limits(options: TaskOptions) -> None:
+    for name in ("concurrency", "key_concurrency"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"TaskSettings.{name} must be a whole number >= 1, got {value!r}")
+    for name in ("rate_limit", "key_rate_limit"):
+        object.__setattr__(options, name, RateLimit.parse(name, getattr(options, name)))
+
+
 @dataclass(frozen=True)
 class TaskOptions:
     """The resolved settings of one task class (see ``docs/settings.md``)."""
@@ -38,6 +114,15 @@ class TaskOptions:
     ttl: Seconds | None = None
     poll_interval: Seconds = 0.5
     recovery_interval: Seconds = 5.0
+    # Periodic tasks (schedule.py): a cron expression (UTC, croniter syntax) or a fixed interval.
+    cron: str | None = None
+    every: Seconds | None = None
+    # Worker and limits (worker.py, limits.py): runs of this class at once in one worker,
+    # a class-wide start rate, a start rate per ``rate_limit_key``, a RUNNING cap per ``concurrency_key``.
+    concurrency: int | None = None
+    rate_limit: RateLimit | str | tuple[int, float] | None = None
+    key_rate_limit: RateLimit | str | tuple[int, float] | None = None
+    key_concurrency: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("visibility_timeout", "poll_interval", "recovery_interval"):
@@ -52,6 +137,8 @@ class TaskOptions:
             raise TypeError("TaskSettings.backoff must be a beanie_tasks.Backoff")
         if self.heartbeat_interval is not None and self.heartbeat_interval >= self.visibility_timeout:
             raise ValueError("TaskSettings.heartbeat_interval must be shorter than visibility_timeout")
+        _check_schedule(self)
+        _check_limits(self)
 
     @property
     def lease(self) -> timedelta:

@@ -7,11 +7,14 @@ import contextlib
 import logging
 from typing import Any
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from beanie_tasks.driver import open_change_stream
 
 log = logging.getLogger("beanie_tasks.wakeup")
+
+# Seconds between attempts to reopen a change stream that a lost connection closed.
+REOPEN_AFTER = 5.0
 
 # Inserts, and updates that make a task claimable again (retry, release, unblocking).
 CLAIMABLE_CHANGES: list[dict[str, Any]] = [
@@ -56,6 +59,7 @@ class Wakeup:
         self._event = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._streaming = False
+        self._reopen_at: float | None = None
 
     @property
     def streaming(self) -> bool:
@@ -65,12 +69,21 @@ class Wakeup:
     async def start(self) -> None:
         if not self._use_change_stream or self._watcher is not None:
             return
-        stream = await open_change_stream(self._collection, self._pipeline)
+        try:
+            stream = await open_change_stream(self._collection, self._pipeline)
+        except ConnectionFailure as exc:
+            log.info("could not open a change stream (%s); polling until it can be reopened", type(exc).__name__)
+            self._schedule_reopen()
+            return
+        self._reopen_at = None  # cleared only once an attempt completes: a cancelled one is tried again
         if stream is None:
             log.debug("no change stream on this server; polling with backoff")
             return
         self._streaming = True
         self._watcher = asyncio.create_task(self._watch(stream))
+
+    def _schedule_reopen(self) -> None:
+        self._reopen_at = asyncio.get_running_loop().time() + REOPEN_AFTER
 
     async def _watch(self, stream: Any) -> None:
         try:
@@ -80,7 +93,8 @@ class Wakeup:
         except asyncio.CancelledError:
             raise
         except PyMongoError as exc:
-            log.info("change stream closed (%s); falling back to polling", type(exc).__name__)
+            log.info("change stream closed (%s); polling until it can be reopened", type(exc).__name__)
+            self._schedule_reopen()
         finally:
             self._streaming = False
 
@@ -93,6 +107,10 @@ class Wakeup:
         self._poll = self._min_poll
 
     async def wait(self) -> None:
+        if self._reopen_at is not None and asyncio.get_running_loop().time() >= self._reopen_at:
+            # The stream died with the connection (a server restart, say): try again.
+            self._watcher = None
+            await self.start()
         timeout = self._idle_timeout if self._streaming else self._poll
         if not self._streaming:
             self._poll = min(self._poll * 2, self._max_poll)

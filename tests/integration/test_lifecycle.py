@@ -123,6 +123,32 @@ async def test_progress_and_heartbeat_extend_the_lease() -> None:
     await task.heartbeat()
 
 
+async def test_a_task_is_pushed_once_and_settled_only_after_a_push() -> None:
+    task = Email(to="once")
+    with pytest.raises(TransitionError, match="never pushed"):
+        await task.finish()
+    pushed = await task.push()
+    with pytest.raises(TransitionError, match="already pushed"):
+        await pushed.push()
+    assert await Email.find_all().count() == 1
+
+
+async def test_a_pushed_task_claimed_by_someone_else_cannot_be_settled_by_the_producer() -> None:
+    pushed = await Email(to="raced").push()
+    claimed = await _pop()
+    with pytest.raises(TransitionError, match="RUNNING, not CREATED"):
+        await pushed.finish()
+    stored = await Email.get(pushed.id)
+    assert stored is not None and stored.state is State.RUNNING and stored.lease_token == claimed.lease_token
+
+
+async def test_bad_progress_is_rejected() -> None:
+    await Email(to="p").push()
+    task = await _pop()
+    with pytest.raises(TypeError):
+        await task.set_progress("half")  # type: ignore[arg-type]
+
+
 async def _pop() -> Email:
     task = await Email.pop()
     assert task is not None

@@ -1,0 +1,74 @@
+"""Find the task classes a worker or the CLI may use: only those in modules the operator names.
+
+Module names come from the command line or code, never from the database: a document
+that names a class can only ever select among classes imported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from types import ModuleType
+
+from beanie_tasks.task import Task
+
+
+class DiscoveryError(LookupError):
+    """A module could not be imported, holds no task classes, or a class name is unknown."""
+
+
+def import_modules(names: Iterable[str], *, add_cwd: bool = True) -> list[ModuleType]:
+    """Import each dotted module name; errors say which module failed and why.
+
+    ``add_cwd`` puts the current directory on ``sys.path`` first, as ``python -m`` does,
+    so ``beanie-tasks worker myapp.tasks`` works from the project's root.
+    """
+    if add_cwd and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    modules = []
+    for name in names:
+        if name.endswith(".py") or os.sep in name:
+            raise DiscoveryError(f"{name!r} looks like a file path; pass a module name such as myapp.tasks")
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (name == exc.name or name.startswith(f"{exc.name}.")):
+                raise DiscoveryError(f"no module named {name!r} (is it on PYTHONPATH?)") from None
+            raise DiscoveryError(f"module {name!r} failed to import: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # the user's module raised while importing: say which one
+            raise DiscoveryError(f"module {name!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    return modules
+
+
+def task_classes_in(modules: Sequence[ModuleType]) -> list[type[Task]]:
+    """Every ``Task`` subclass reachable as a module attribute, each once, in module order."""
+    found: dict[type[Task], None] = {}
+    for module in modules:
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Task) and value is not Task:
+                found.setdefault(value)
+    return list(found)
+
+
+def discover(names: Sequence[str]) -> list[type[Task]]:
+    """Import ``names`` and return their task classes; at least one module and one class are required."""
+    if not names:
+        raise DiscoveryError("no task modules given: pass one or more module names such as myapp.tasks")
+    classes = task_classes_in(import_modules(names))
+    if not classes:
+        raise DiscoveryError(f"no Task subclasses found in {', '.join(names)}")
+    return classes
+
+
+def find_class(classes: Sequence[type[Task]], name: str) -> type[Task]:
+    """The class called ``name`` (``Email`` or ``myapp.tasks.Email``) among ``classes``."""
+    matches = [cls for cls in classes if name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(sorted(cls.__name__ for cls in classes)) or "none"
+    if not matches:
+        raise DiscoveryError(f"unknown task class {name!r}; known classes: {known}")
+    qualified = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in matches)
+    raise DiscoveryError(f"task class name {name!r} is ambiguous; use one of: {qualified}")

@@ -1,0 +1,459 @@
+"""The worker: runs the ``run()`` of registered task classes, N at a time, in one asyncio process.
+
+It claims fairly across classes (round-robin), keeps each lease alive with heartbeats
+while ``run`` works, enforces ``timeout``, stops a task cancelled by someone else within
+one heartbeat, honours rate and concurrency limits, recovers expired leases, and on
+SIGTERM/SIGINT drains gracefully: running tasks get ``grace_period`` seconds, and those
+still running are released unspent so another worker picks them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pymongo.errors import ConnectionFailure, PyMongoError
+
+from beanie_tasks.errors import LeaseLost, TaskCancelled
+from beanie_tasks.limits import Grant, Limiter
+from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id
+from beanie_tasks.wakeup import Wakeup
+
+log = logging.getLogger("beanie_tasks.worker")
+
+# How long a drained task gets, after its run() was cancelled, to be released.
+RELEASE_TIMEOUT = 10.0
+# After stop, how long background jobs (schedules) get to end on their own.
+BACKGROUND_STOP_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass
+class _Running:
+    """One task this worker is executing, and why its run() was stopped early (if it was)."""
+
+    task: Task
+    grant: Grant | None
+    runner: asyncio.Future[Any] | None = None
+    stopped_because: str | None = None  # "cancelled", "lease lost", "timeout", "shutdown"
+
+
+def _has_own_run(task_class: type[Task]) -> bool:
+    return any("run" in vars(klass) for klass in task_class.__mro__ if klass is not Task and issubclass(klass, Task))
+
+
+class Worker:
+    """Runs tasks of ``task_classes`` until stopped.
+
+    ``concurrency`` bounds how many ``run()`` calls are in progress at once in this process
+    (a class's ``TaskSettings.concurrency`` can cap its own share further). Several
+    workers, on one machine or many, can share a database.
+    """
+
+    def __init__(
+        self,
+        task_classes: Sequence[type[Task]],
+        *,
+        concurrency: int = 10,
+        consumer_id: str | None = None,
+        grace_period: float = 30.0,
+        use_change_stream: bool = True,
+        schedules: bool = True,
+    ) -> None:
+        classes = list(dict.fromkeys(task_classes))
+        if not classes:
+            raise ValueError("a Worker needs at least one task class")
+        for task_class in classes:
+            if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+                raise TypeError(f"a Worker runs Task subclasses, got {task_class!r}")
+            if not _has_own_run(task_class):
+                raise TypeError(f"{task_class.__name__} has no run() method: define `async def run(self)` on it")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+        if grace_period < 0:
+            raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period!r}")
+        self.task_classes = classes
+        self.concurrency = concurrency
+        self.consumer_id = consumer_id or default_consumer_id()
+        self.grace_period = float(grace_period)
+        self.use_change_stream = use_change_stream
+        self.schedules = schedules
+        self.stats: Counter[str] = Counter()
+        self._limiters = {task_class: Limiter(task_class) for task_class in classes}
+        self._running: dict[asyncio.Task[None], _Running] = {}
+        self._next_class = 0
+        self._stop_requested = False
+        self._stopping: asyncio.Event | None = None
+        self._slot_freed: asyncio.Event | None = None
+        self._signals_received = 0
+        self._signals_wanted = False
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ----------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Stop claiming and drain (the same as a first SIGTERM)."""
+        self._stop_requested = True
+        if self._stopping is not None:
+            self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: the first drains gracefully, a second exits the process at once.
+
+        Call it before ``run()`` (handlers are installed on the loop ``run()`` uses) or
+        from inside the running loop.
+        """
+        self._signals_wanted = True
+        with contextlib.suppress(RuntimeError):
+            self._install_signals(asyncio.get_running_loop())
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals_received += 1
+        name = signal.Signals(signum).name
+        if self._signals_received == 1:
+            log.warning(
+                "%s: stopping claims; %d running task(s) get up to %.0f s to finish, then are released "
+                "(send %s again to exit at once)",
+                name,
+                len(self._running),
+                self.grace_period,
+                name,
+            )
+            self.stop()
+            return
+        log.error(
+            "%s again: exiting now; %d running task(s) keep their leases until they expire, then are recovered",
+            name,
+            len(self._running),
+        )
+        for handler in logging.getLogger().handlers + log.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    @property
+    def running(self) -> int:
+        """How many tasks this worker is executing now."""
+        return len(self._running)
+
+    # ------------------------------------------------------------- main
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Claim and run tasks until ``stop`` is set, ``stop()`` is called or a signal arrives; then drain."""
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
+        if self._signals_wanted:
+            self._install_signals(loop)
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="beanie-tasks")
+        background: list[asyncio.Task[Any]] = []
+        if stop is not None:
+            background.append(asyncio.create_task(self._follow(stop)))
+        wakeups = self._wakeups()
+        try:
+            for limiter in self._limiters.values():
+                await limiter.setup()
+            for wakeup in wakeups:
+                await wakeup.start()
+            background.extend(self._start_schedules())
+            log.info(
+                "worker %s running %s with concurrency %d",
+                self.consumer_id,
+                ", ".join(c.__name__ for c in self.task_classes),
+                self.concurrency,
+            )
+            await self._claim_loop(wakeups)
+        finally:
+            await self._drain()
+            for wakeup in wakeups:
+                await wakeup.close()
+            await self._stop_background(background)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._signals_wanted:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+            log.info("worker %s stopped (%s)", self.consumer_id, dict(self.stats) or "nothing ran")
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.stop()
+
+    def _wakeups(self) -> list[Wakeup]:
+        collections: dict[str, Any] = {}
+        for task_class in self.task_classes:
+            collection = task_class.collection()
+            collections.setdefault(f"{collection.database.name}.{collection.name}", collection)
+        poll = min(c.task_options.poll_interval for c in self.task_classes)
+        recovery = min(c.task_options.recovery_interval for c in self.task_classes)
+        return [
+            Wakeup(c, max_poll=poll, idle_timeout=min(1.0, recovery), use_change_stream=self.use_change_stream)
+            for c in collections.values()
+        ]
+
+    def _start_schedules(self) -> list[asyncio.Task[Any]]:
+        """Run ``beanie_tasks.schedule.run_schedules`` alongside, when that module provides it."""
+        if not self.schedules or importlib.util.find_spec("beanie_tasks.schedule") is None:
+            return []
+        run_schedules: Callable[..., Coroutine[Any, Any, None]] | None = getattr(
+            importlib.import_module("beanie_tasks.schedule"), "run_schedules", None
+        )
+        if run_schedules is None:
+            return []
+        assert self._stopping is not None
+        job: asyncio.Task[None] = asyncio.create_task(run_schedules(self.task_classes, self._stopping))
+        job.add_done_callback(self._report_background_end)
+        return [job]
+
+    @staticmethod
+    def _report_background_end(job: asyncio.Task[Any]) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            log.error("periodic schedules stopped with an error", exc_info=job.exception())
+
+    async def _stop_background(self, jobs: list[asyncio.Task[Any]]) -> None:
+        if not jobs:
+            return
+        _done, pending = await asyncio.wait(jobs, timeout=BACKGROUND_STOP_TIMEOUT)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def _claim_loop(self, wakeups: list[Wakeup]) -> None:
+        assert self._stopping is not None and self._slot_freed is not None
+        loop = asyncio.get_running_loop()
+        outage = Outage(f"worker {self.consumer_id}")
+        next_maintenance = 0.0
+        rounds = 0
+        while not self._stopping.is_set():
+            try:
+                if loop.time() >= next_maintenance:
+                    await self._maintain(sweep=rounds % SWEEP_EVERY_RECOVERIES == 0)
+                    rounds += 1
+                    next_maintenance = loop.time() + min(c.task_options.recovery_interval for c in self.task_classes)
+                if len(self._running) >= self.concurrency:
+                    self._slot_freed.clear()
+                    await self._until(self._slot_freed, timeout=next_maintenance - loop.time())
+                    continue
+                self._slot_freed.clear()  # a task ending from here on warrants another claim round
+                started = await self._claim_next()
+            except ConnectionFailure as exc:
+                await outage.wait(exc, self._stopping)
+                continue
+            except PyMongoError as exc:
+                log.error("worker %s: database error while claiming: %s", self.consumer_id, exc)
+                await outage.wait(exc, self._stopping)
+                continue
+            outage.over()
+            if started:
+                for wakeup in wakeups:
+                    wakeup.claimed()
+                continue
+            await self._idle(wakeups, until=next_maintenance - loop.time())
+
+    async def _until(self, event: asyncio.Event, timeout: float) -> None:
+        assert self._stopping is not None
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(event.wait())]
+        waiters.append(asyncio.ensure_future(self._stopping.wait()))
+        await self._first_of(waiters, timeout)
+
+    async def _idle(self, wakeups: list[Wakeup], until: float) -> None:
+        """Sleep until a push or retry, a task ending (a free slot), a stop, a limit window ending,
+        or the next maintenance round."""
+        assert self._stopping is not None and self._slot_freed is not None
+        timeout = max(until, 0.0)
+        blocked = [limiter.ready_in() for limiter in self._limiters.values() if limiter.ready_in() > 0]
+        if blocked:
+            timeout = min(timeout, *blocked)
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.wait()) for w in wakeups]
+        waiters.append(asyncio.ensure_future(self._stopping.wait()))
+        waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
+        await self._first_of(waiters, timeout)
+
+    @staticmethod
+    async def _first_of(waiters: list[asyncio.Future[Any]], timeout: float) -> None:
+        try:
+            await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _maintain(self, *, sweep: bool) -> None:
+        """Recover expired leases (and the limit slots they held); now and then set aside unclaimable documents."""
+        for task_class in self.task_classes:
+            if sweep:
+                await task_class.set_aside_unclaimable()
+            await task_class.recover_expired()
+            await self._limiters[task_class].reconcile()
+
+    async def _claim_next(self) -> bool:
+        """Claim one task, trying classes round-robin from where the last claim left off."""
+        count = len(self.task_classes)
+        for offset in range(count):
+            index = (self._next_class + offset) % count
+            task_class = self.task_classes[index]
+            cap = task_class.task_options.concurrency
+            if cap is not None and sum(type(r.task) is task_class for r in self._running.values()) >= cap:
+                continue
+            limiter = self._limiters[task_class]
+            if limiter.ready_in() > 0:
+                continue
+            if limiter.active:
+                claimed = await limiter.claim(self.consumer_id)
+                if claimed is None:
+                    continue
+                task, grant = claimed
+            else:
+                popped = await task_class.pop(consumer_id=self.consumer_id)
+                if popped is None:
+                    continue
+                task, grant = popped, None
+            self._next_class = (index + 1) % count
+            self._start(task, grant)
+            return True
+        return False
+
+    # -------------------------------------------------------- one task
+
+    def _start(self, task: Task, grant: Grant | None) -> None:
+        record = _Running(task, grant)
+        job = asyncio.create_task(self._execute(record))
+        self._running[job] = record
+        job.add_done_callback(self._forget)
+        self.stats["started"] += 1
+
+    def _forget(self, job: asyncio.Task[None]) -> None:
+        self._running.pop(job, None)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+        if not job.cancelled() and job.exception() is not None:
+            log.error("worker %s: unexpected error around a task", self.consumer_id, exc_info=job.exception())
+
+    async def _execute(self, record: _Running) -> None:
+        task = record.task
+        name = f"{type(task).__name__} {task.id}"
+        timeout = type(task).task_options.timeout
+        record.runner = runner = asyncio.ensure_future(self._invoke(task))
+        keep_alive = asyncio.create_task(self._keep_alive(record))
+        try:
+            _done, _pending = await asyncio.wait({runner}, timeout=timeout)
+            if not runner.done():
+                record.stopped_because = record.stopped_because or "timeout"
+                runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+        finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_alive
+        try:
+            await self._settle(record, name, timeout)
+        except TaskCancelled:
+            self.stats["cancelled"] += 1
+            log.info("%s was cancelled while it ran; its outcome was dropped", name)
+        except LeaseLost as exc:
+            self.stats["lease lost"] += 1
+            log.error("%s: %s; another worker owns it now, this outcome was dropped", name, exc)
+        except PyMongoError as exc:
+            self.stats["unsettled"] += 1
+            log.error("%s: could not record its outcome (%s); its lease will expire and it will be retried", name, exc)
+        finally:
+            if record.grant is not None and record.grant.slots:
+                with contextlib.suppress(PyMongoError):
+                    await self._limiters[type(task)].release(record.grant)
+
+    async def _settle(self, record: _Running, name: str, timeout: float | None) -> None:
+        """Write the outcome of one run: finish, fail (retry policy), release, or nothing."""
+        task, runner = record.task, record.runner
+        assert runner is not None
+        reason = record.stopped_because
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
+            log.info("%s was cancelled while running; run() was stopped", name)
+        elif reason == "lease lost":
+            self.stats["lease lost"] += 1
+        elif reason == "shutdown":
+            await task.release()
+            self.stats["released"] += 1
+            log.warning("%s did not finish within the grace period; released for another worker", name)
+        elif reason == "timeout":
+            await task.fail(f"timed out after {timeout:g} s")
+            self.stats["timed out"] += 1
+            log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
+        elif task._settled:
+            self.stats[task.state.value.lower()] += 1  # run() settled the task itself
+        elif runner.cancelled():
+            await task.release()
+            self.stats["released"] += 1
+        elif (error := runner.exception()) is not None:
+            if isinstance(error, LeaseLost):
+                raise error
+            await task.fail(error)
+            self.stats["failed" if task.state.is_terminal else "retrying"] += 1
+            log.warning("%s failed: %r (%s, attempt %d)", name, error, task.state.value, task.attempts)
+        else:
+            await task.finish(runner.result())
+            self.stats["finished"] += 1
+            log.debug("%s finished", name)
+
+    async def _invoke(self, task: Task) -> Any:
+        if inspect.iscoroutinefunction(type(task).run):
+            return await task.run()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, task.run)
+
+    async def _keep_alive(self, record: _Running) -> None:
+        """Heartbeat while run() works; stop run() at once if the task was cancelled or the lease lost."""
+        task, runner = record.task, record.runner
+        assert runner is not None
+        every = type(task).task_options.heartbeat_every
+        while not runner.done():
+            await asyncio.sleep(every)
+            try:
+                await task.heartbeat()
+            except TaskCancelled:
+                record.stopped_because = "cancelled"
+            except LeaseLost as exc:
+                record.stopped_because = "lease lost"
+                log.error("%s %s: %s; stopping its run()", type(task).__name__, task.id, exc)
+            except PyMongoError as exc:
+                log.warning("%s %s: could not extend the lease (%s); will try again", type(task).__name__, task.id, exc)
+                continue
+            else:
+                continue
+            runner.cancel()
+            return
+
+    async def _drain(self) -> None:
+        """Give running tasks the grace period, then release the rest unspent."""
+        if not self._running:
+            return
+        log.info("draining %d running task(s) for up to %g s", len(self._running), self.grace_period)
+        _done, pending = await asyncio.wait(list(self._running), timeout=self.grace_period)
+        if not pending:
+            return
+        for job in pending:
+            record = self._running.get(job)
+            if record is not None and record.runner is not None:
+                record.stopped_because = record.stopped_because or "shutdown"
+                record.runner.cancel()
+        _done, stuck = await asyncio.wait(pending, timeout=RELEASE_TIMEOUT)
+        for job in stuck:
+            job.cancel()

@@ -1,0 +1,376 @@
+"""Workloads for beanie-tasks itself and for the raw-driver floor, run in the main environment."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from beanie import init_beanie
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+
+from beanie_tasks import State, Task
+from beanie_tasks.batch import claim_batch, finish_batch
+from beanie_tasks.driver import client_for, close_client
+from beanie_tasks.task import CLAIM_SORT, utcnow
+from beanie_tasks.testing import CommandCounter
+
+
+class BenchJob(Task):
+    """A task with nothing to do; ``sent`` is the wall-clock time it was pushed."""
+
+    sent: float = 0.0
+
+    class Settings:
+        name = "bench_jobs"
+
+    async def run(self) -> None:
+        """Nothing: the benchmarks measure the queue, not the work."""
+
+
+@dataclass
+class OpCount:
+    """Commands one operation sent, summed over ``repeat`` tasks."""
+
+    names: Counter[str] = field(default_factory=Counter)
+    repeat: int = 0
+
+    @property
+    def per_task(self) -> float:
+        return sum(self.names.values()) / self.repeat if self.repeat else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.per_task, "by_name": {k: v / max(self.repeat, 1) for k, v in self.names.items()}}
+
+
+@asynccontextmanager
+async def bench_database(uri: str, counter: CommandCounter | None = None, **options: Any) -> AsyncIterator[Any]:
+    """A fresh, uniquely named database, dropped afterwards."""
+    listeners = [counter] if counter is not None else []
+    client = client_for(uri, event_listeners=listeners, **options)
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    try:
+        yield client[name]
+    finally:
+        await client.drop_database(name)
+        await close_client(client)
+
+
+async def counted(counter: CommandCounter, op: OpCount, action: Awaitable[Any]) -> Any:
+    counter.reset()
+    value = await action
+    op.names.update(counter.commands)
+    op.repeat += 1
+    return value
+
+
+# ------------------------------------------------------------ commands per task
+
+
+async def commands_independent(uri: str, repeat: int) -> dict[str, Any]:
+    """push, claim, finish and fail of a task with no links."""
+    counter = CommandCounter()
+    ops = {name: OpCount() for name in ("push", "claim", "finish", "fail")}
+    async with bench_database(uri, counter) as db:
+        await init_beanie(database=db, document_models=[BenchJob])
+        for _ in range(repeat):
+            await counted(counter, ops["push"], BenchJob().push())
+            task = await counted(counter, ops["claim"], BenchJob.pop())
+            await counted(counter, ops["finish"], task.finish())
+            await BenchJob().push()
+            failing = await BenchJob.pop()
+            if failing is None:
+                raise RuntimeError("the task to fail was not claimable")
+            await counted(counter, ops["fail"], failing.fail("bench"))
+    return {name: op.as_dict() for name, op in ops.items()}
+
+
+def dependencies_available() -> bool:
+    return importlib.util.find_spec("beanie_tasks.dependencies") is not None
+
+
+async def commands_with_dependencies(uri: str, links: int) -> dict[str, Any]:
+    """The same operations for a task with ``links`` ALL_OF dependencies, and the cost on the dependencies."""
+    from beanie import Link
+
+    from beanie_tasks import DependencyType, depends_on
+
+    class BenchDep(Task):
+        class Settings:
+            name = "bench_deps"
+
+    class BenchNeeds(Task):
+        parts: list[Link[BenchDep]] = depends_on(DependencyType.ALL_OF, default_factory=list)
+
+        class Settings:
+            name = "bench_needs"
+
+    counter = CommandCounter()
+    ops = {name: OpCount() for name in ("push", "claim", "finish", "fail", "dependency finish")}
+    async with bench_database(uri, counter) as db:
+        await init_beanie(database=db, document_models=[BenchDep, BenchNeeds])
+        for outcome in ("finish", "fail"):
+            deps = [await BenchDep().push() for _ in range(links)]
+            await counted(counter, ops["push"], BenchNeeds(parts=deps).push())  # type: ignore[arg-type,unused-ignore]
+            for _ in range(links):
+                dep = await BenchDep.pop()
+                if dep is None:
+                    raise RuntimeError("a dependency was not claimable")
+                await counted(counter, ops["dependency finish"], dep.finish())
+            task = await counted(counter, ops["claim"], BenchNeeds.pop())
+            if task is None:
+                raise RuntimeError("the dependent did not become claimable after its dependencies finished")
+            await counted(counter, ops[outcome], task.finish() if outcome == "finish" else task.fail("bench"))
+    return {name: op.as_dict() for name, op in ops.items()}
+
+
+async def commands_batch(uri: str, k: int, rounds: int) -> dict[str, Any]:
+    """Commands per task of ``claim_batch`` + ``finish_batch`` with ``k`` tasks ready."""
+    counter = CommandCounter()
+    claim, ack = OpCount(), OpCount()
+    async with bench_database(uri, counter) as db:
+        await init_beanie(database=db, document_models=[BenchJob])
+        for _ in range(rounds):
+            for _ in range(k):
+                await BenchJob().push()
+            batch = await counted(counter, claim, claim_batch(BenchJob, k))
+            if len(batch) != k:
+                raise RuntimeError(f"claim_batch returned {len(batch)} of {k} tasks")
+            await counted(counter, ack, finish_batch(batch))
+    tasks = rounds * k
+    return {
+        "claim": sum(claim.names.values()) / tasks,
+        "ack": sum(ack.names.values()) / tasks,
+        "claim_by_name": dict(claim.names),
+        "ack_by_name": dict(ack.names),
+    }
+
+
+# ------------------------------------------------------------------- throughput
+
+
+async def drain(consumer: Callable[[], Awaitable[int]], concurrency: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    done = await asyncio.gather(*(consumer() for _ in range(concurrency)))
+    return sum(done), time.perf_counter() - started
+
+
+async def throughput_ours(uri: str, tasks: int, concurrency: int) -> float:
+    """Tasks per second: ``concurrency`` consumers drain ``tasks`` with pop() + finish()."""
+    async with bench_database(uri) as db:
+        await init_beanie(database=db, document_models=[BenchJob])
+        for _ in range(tasks):
+            await BenchJob().push()
+
+        async def consumer() -> int:
+            done = 0
+            while (task := await BenchJob.pop()) is not None:
+                await task.finish()
+                done += 1
+            return done
+
+        done, seconds = await drain(consumer, concurrency)
+    return done / seconds
+
+
+async def throughput_batch(uri: str, tasks: int, concurrency: int, k: int) -> float:
+    """Tasks per second with claim_batch(k) + finish_batch."""
+    async with bench_database(uri) as db:
+        await init_beanie(database=db, document_models=[BenchJob])
+        for _ in range(tasks):
+            await BenchJob().push()
+
+        async def consumer() -> int:
+            done = 0
+            while batch := await claim_batch(BenchJob, k):
+                await finish_batch(batch)
+                done += len(batch)
+            return done
+
+        done, seconds = await drain(consumer, concurrency)
+    return done / seconds
+
+
+def stored_document() -> dict[str, Any]:
+    """What beanie-tasks stores for a pushed ``BenchJob`` (every field, nulls included), without ``_id``."""
+    fields = BenchJob.model_construct(run_at=utcnow(), max_attempts=1).model_dump(mode="python")
+    fields["state"] = State.CREATED.value
+    return {name: value for name, value in fields.items() if name not in ("id", "revision_id")}
+
+
+async def throughput_floor(uri: str, tasks: int, concurrency: int, *, same_documents: bool = False) -> float:
+    """The raw-driver floor: find_one_and_update + update_one, same index.
+
+    With ``same_documents`` the documents are the ones beanie-tasks stores (about twenty
+    fields); otherwise bare three-field documents. On a server that scans, the
+    difference is the cost of the document size alone.
+    """
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+    name = f"bench_floor_{uuid.uuid4().hex[:8]}"
+    collection = client[name]["floor"]
+    try:
+        await collection.create_indexes(
+            [IndexModel([("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)])]
+        )
+        for _ in range(tasks):
+            document = stored_document() if same_documents else {"state": "CREATED", "priority": 2, "run_at": utcnow()}
+            document.pop("_id", None)
+            await collection.insert_one(document)
+
+        async def consumer() -> int:
+            done = 0
+            while True:
+                now = datetime.now(timezone.utc)
+                doc = await collection.find_one_and_update(
+                    {"state": "CREATED", "run_at": {"$lte": now}},
+                    {"$set": {"state": "RUNNING", "lease_token": uuid.uuid4().hex}},
+                    sort=CLAIM_SORT,
+                    return_document=ReturnDocument.AFTER,
+                )
+                if doc is None:
+                    return done
+                await collection.update_one(
+                    {"_id": doc["_id"], "lease_token": doc["lease_token"]}, {"$set": {"state": "FINISHED"}}
+                )
+                done += 1
+
+        done, seconds = await drain(consumer, concurrency)
+    finally:
+        await client.drop_database(name)
+        await client.close()
+    return done / seconds
+
+
+async def commands_floor(uri: str, repeat: int) -> dict[str, Any]:
+    counter = CommandCounter()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True, event_listeners=[counter])
+    name = f"bench_floor_{uuid.uuid4().hex[:8]}"
+    collection = client[name]["floor"]
+    ops = {n: OpCount() for n in ("push", "claim", "finish", "fail")}
+    try:
+        for _ in range(repeat):
+            for outcome in ("finish", "fail"):
+                op = ops["push"] if outcome == "finish" else OpCount()
+                await counted(
+                    counter, op, collection.insert_one({"state": "CREATED", "priority": 2, "run_at": utcnow()})
+                )
+                claim = ops["claim"] if outcome == "finish" else OpCount()
+                doc = await counted(
+                    counter,
+                    claim,
+                    collection.find_one_and_update(
+                        {"state": "CREATED"},
+                        {"$set": {"state": "RUNNING"}},
+                        sort=CLAIM_SORT,
+                        return_document=ReturnDocument.AFTER,
+                    ),
+                )
+                final = "FINISHED" if outcome == "finish" else "FAILED"
+                await counted(
+                    counter, ops[outcome], collection.update_one({"_id": doc["_id"]}, {"$set": {"state": final}})
+                )
+    finally:
+        await client.drop_database(name)
+        await client.close()
+    return {n: op.as_dict() for n, op in ops.items()}
+
+
+# ---------------------------------------------------------------------- latency
+
+
+async def latency_ours(uri: str, samples: int, *, change_stream: bool, seed: int = 1) -> list[float]:
+    """Enqueue-to-start seconds seen by an idle ``queue()`` consumer."""
+    rng = random.Random(seed)
+    delays: list[float] = []
+    claimed = asyncio.Event()
+    stop = asyncio.Event()
+    async with bench_database(uri) as db:
+        await init_beanie(database=db, document_models=[BenchJob])
+
+        async def consume() -> None:
+            async for task in BenchJob.queue(stop=stop, use_change_stream=change_stream):
+                delays.append(time.time() - task.sent)
+                await task.finish()
+                claimed.set()
+
+        consumer = asyncio.create_task(consume())
+        try:
+            await asyncio.sleep(0.5)
+            for _ in range(samples):
+                claimed.clear()
+                await asyncio.sleep(rng.uniform(0.05, 0.6))
+                await BenchJob(sent=time.time()).push()
+                await asyncio.wait_for(claimed.wait(), 30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(consumer, 30)
+    return delays
+
+
+# ---------------------------------------------------------------------- scaling
+
+
+def plan_summary(explain: dict[str, Any]) -> dict[str, Any]:
+    """The winning plan as a chain of stages, and what execution examined."""
+    stages: list[str] = []
+    stage: dict[str, Any] | None = explain.get("queryPlanner", {}).get("winningPlan")
+    while stage:
+        label = stage.get("stage", "?")
+        if stage.get("indexName"):
+            label += f"({stage['indexName']})"
+        stages.append(label)
+        stage = stage.get("inputStage")
+    stats = explain.get("executionStats", {})
+    return {
+        "plan": " <- ".join(stages),
+        "sort_stage": any(s.startswith("SORT") for s in stages),
+        "keys_examined": stats.get("totalKeysExamined"),
+        "docs_examined": stats.get("totalDocsExamined"),
+    }
+
+
+async def scaling(uri: str, queued: int, claims: int) -> dict[str, Any]:
+    """Commands and milliseconds per claim with ``queued`` tasks waiting, and the claim's plan."""
+    counter = CommandCounter()
+    async with bench_database(uri, counter) as db:
+        await init_beanie(database=db, document_models=[BenchJob])
+        now = utcnow()
+        for start in range(0, queued, 5000):
+            chunk = [BenchJob(run_at=now, max_attempts=1) for _ in range(min(5000, queued - start))]
+            await BenchJob.insert_many(chunk)
+        claim_filter = BenchJob.claim_filter(utcnow())
+        command = {
+            "findAndModify": BenchJob.get_collection_name(),
+            "query": claim_filter,
+            "sort": dict(CLAIM_SORT),
+            "update": {"$set": {"state": "RUNNING"}},
+        }
+        chosen = plan_summary(await db.command("explain", command, verbosity="executionStats"))
+        hinted = plan_summary(await db.command("explain", command | {"hint": "bt_claim"}, verbosity="executionStats"))
+        op = OpCount()
+        millis: list[float] = []
+        for _ in range(claims):
+            started = time.perf_counter()
+            task = await counted(counter, op, BenchJob.pop())
+            millis.append((time.perf_counter() - started) * 1000)
+            if task is None:
+                raise RuntimeError("queue drained during the scaling run")
+    return {"queued": queued, "commands": op.per_task, "millis": millis, "planner": chosen, "hinted": hinted}
+
+
+async def server_description(uri: str) -> dict[str, Any]:
+    client = client_for(uri, serverSelectionTimeoutMS=10_000)
+    try:
+        info = await client.admin.command("buildInfo")
+        hello = await client.admin.command("hello")
+    finally:
+        await close_client(client)
+    return {"version": info.get("version", "?"), "replica_set": hello.get("setName")}

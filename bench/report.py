@@ -1,0 +1,340 @@
+"""Turn one run's measurements into ``latest.md`` (tables) and ``latest.png`` (a plot)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pymongo
+
+import beanie_tasks
+from beanie_tasks.task import Task
+from bench.stats import Latency, Spread
+
+if TYPE_CHECKING:
+    from bench.run import Results
+
+FLOOR = "raw driver floor"
+OPS = ("push", "claim", "finish", "fail")
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    head = list(header)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def number(value: float) -> str:
+    return f"{value:g}" if value == int(value) else f"{value:.2f}"
+
+
+def op_cell(op: dict[str, Any] | None) -> str:
+    if not op:
+        return "-"
+    names = ", ".join(f"{n} {number(c)}" if c != 1 else n for n, c in sorted(op["by_name"].items()))
+    return f"{number(op['total'])} ({names})" if names else number(op["total"])
+
+
+def commands_section(results: Results) -> str:
+    rows = []
+    for system, ops in results.commands.items():
+        if "pending" in ops:
+            rows.append([system, *(["pending"] * 5), ops["pending"]])
+            continue
+        hot = ops["claim"]["total"] + ops["finish"]["total"]
+        extra = f"a dependency's finish: {op_cell(ops['dependency finish'])}" if "dependency finish" in ops else ""
+        rows.append([system, *(op_cell(ops.get(op)) for op in OPS), number(hot), extra])
+    ours = results.commands.get("beanie-tasks")
+    verdict = ""
+    if ours and "pending" not in ours:
+        push_ok = ours["push"]["total"] <= 1
+        hot_ok = ours["claim"]["total"] + ours["finish"]["total"] <= 2
+        verdict = (
+            f"\n\nTargets: 1 command per push ({'met' if push_ok else 'MISSED'}), "
+            f"2 for claim + finish of an independent task ({'met' if hot_ok else 'MISSED'})."
+        )
+    return (
+        "## 1. Commands per task\n\n"
+        "Counted with PyMongo's `CommandListener` (handshakes and heartbeats left out), averaged over "
+        f"{results.sizes.command_repeat} tasks per row. These counts do not depend on the server.\n\n"
+        + table(["system", "push", "claim", "finish", "fail", "claim + finish", "notes"], rows)
+        + verdict
+    )
+
+
+def batch_section(results: Results) -> str:
+    floor = results.throughput.get(FLOOR, {}).get(results.sizes.batch_concurrency)
+    rows = []
+    for k, row in sorted(results.batch.items()):
+        total = row["claim"] + row["ack"]
+        rate = Spread.of(row["per_second"]) if row.get("per_second") else None
+        ratio = f"{rate.median / Spread.of(floor).median:.2f}x" if rate and floor else "-"
+        names = ", ".join(f"{n} {c}" for n, c in sorted(row["claim_by_name"].items()))
+        rows.append(
+            [k, number(row["claim"]), number(row["ack"]), number(total), names, rate.show() if rate else "-", ratio]
+        )
+    k16 = results.batch.get(16)
+    verdict = ""
+    if k16:
+        total = k16["claim"] + k16["ack"]
+        met = "met" if total <= 0.5 else "MISSED"
+        verdict = f"\n\nTarget: at most 0.5 commands per task at k = 16: {number(total)}, {met}."
+    return (
+        "## 2. Batched claim (`beanie_tasks.batch`)\n\n"
+        "`claim_batch(Task, k)` = find of candidate ids in claim order + `update_many` guarded by state and due time "
+        "with a fresh lease token + find by id and token; `finish_batch` = one `bulk_write`, each update guarded by "
+        f"its task's lease. Throughput: {results.sizes.throughput_tasks} tasks drained by "
+        f"{results.sizes.batch_concurrency} concurrent batch consumers, tasks/s, median (min-max) of "
+        f"{results.sizes.repetitions} run(s); the ratio is against the raw-driver floor at the same concurrency.\n\n"
+        + table(
+            [
+                "k",
+                "claim cmds/task",
+                "ack cmds/task",
+                "total cmds/task",
+                "claim commands (2 rounds)",
+                "tasks/s",
+                "vs floor",
+            ],
+            rows,
+        )
+        + verdict
+    )
+
+
+def throughput_section(results: Results) -> str:
+    concurrencies = results.sizes.concurrencies
+    floor = results.throughput.get(FLOOR, {})
+    rows = []
+    for system, by_c in results.throughput.items():
+        cells = []
+        for c in concurrencies:
+            runs = by_c.get(c)
+            if not runs:
+                cells.append("-")
+                continue
+            spread = Spread.of(runs)
+            ratio = f" · {spread.median / Spread.of(floor[c]).median:.2f}x" if c in floor and system != FLOOR else ""
+            cells.append(spread.show() + ratio)
+        rows.append([system, *cells])
+    return (
+        "## 3. Throughput (no-op handler)\n\n"
+        f"{results.sizes.throughput_tasks} tasks are pushed, then C consumers (coroutines on one event loop, one "
+        "client) drain them: claim, run nothing, finish. Tasks per second, median (min-max) of "
+        f"{results.sizes.repetitions} run(s), then the ratio to the raw-driver floor (`find_one_and_update` + "
+        '`update_one` on bare three-field documents) measured in the same run. The row "raw driver, beanie-tasks '
+        'documents" runs the same loop over the documents beanie-tasks stores (about twenty fields): on a server '
+        "that scans, it shows what the document size alone costs. **Server-dependent**: on the bundled server "
+        "every claim scans the collection, so these figures are far below what MongoDB does; compare the ratios, "
+        "not the absolute rates.\n\n" + table(["system", *(f"C = {c}" for c in concurrencies)], rows)
+    )
+
+
+def latency_section(results: Results) -> str:
+    wakeup = {
+        "beanie-tasks (change stream)": "change stream (`queue()` default)",
+        "beanie-tasks (polling)": f"polling with backoff 0.05 → {Task.task_options.poll_interval:g} s",
+    }
+    for info in results.peers.values():
+        wakeup[info["name"]] = f"default: {info['poll']}"
+    rows = []
+    for system, seconds in results.latency.items():
+        if not seconds:
+            continue
+        lat = Latency.of(seconds)
+        rows.append(
+            [
+                system,
+                wakeup.get(system, ""),
+                f"{lat.p50 * 1000:.0f}",
+                f"{lat.p95 * 1000:.0f}",
+                f"{lat.p99 * 1000:.0f}",
+                lat.samples,
+            ]
+        )
+    return (
+        "## 4. Enqueue-to-start latency\n\n"
+        "An idle consumer in each library's own waiting loop; a producer in the same process pushes one task at a "
+        "time after a random pause of 0.05-0.6 s (the same seeded pauses for every system) and waits until it has "
+        "started. Milliseconds from push to the handler seeing the task (nearest-rank percentiles; with few samples "
+        "p99 is the maximum).\n\n" + table(["system", "wake-up", "p50 ms", "p95 ms", "p99 ms", "samples"], rows)
+    )
+
+
+def scaling_section(results: Results) -> str:
+    rows = []
+    for row in results.scaling:
+        millis = Spread.of(row["millis"])
+        planner, hinted = row["planner"], row["hinted"]
+        rows.append(
+            [
+                f"{row['queued']:,}",
+                number(row["commands"]),
+                millis.show(1),
+                f"`{planner['plan']}`",
+                planner["keys_examined"],
+                planner["docs_examined"],
+                f"`{hinted['plan']}`",
+                "yes" if hinted["sort_stage"] else "no",
+                hinted["keys_examined"],
+            ]
+        )
+    return (
+        "## 5. Scaling: claim cost against queue size\n\n"
+        f"N tasks queued, then {results.sizes.scaling_claims} claims (`pop()`), each timed and counted; the claim's "
+        "`findAndModify` is explained with `executionStats`, once as the server's planner chooses and once with "
+        "`hint: bt_claim`. **Commands per claim do not depend on the server. Milliseconds, the chosen plan and the "
+        "keys/docs examined do**: the bundled SecantusDB picks a collection scan plus an in-memory sort "
+        "and, even when hinted, walks the whole index (it does not stop after the first key), so its claim time grows "
+        "linearly with the queue. On MongoDB the claim plan is `LIMIT <- FETCH <- IXSCAN(bt_claim)` with no SORT "
+        "stage, and keys examined ≈ 1 whatever the queue size; run with `MONGODB_URI` set to see it.\n\n"
+        + table(
+            [
+                "queued",
+                "commands/claim",
+                "ms/claim",
+                "planner's plan",
+                "keys examined",
+                "docs examined",
+                "plan with hint",
+                "SORT stage",
+                "keys examined (hint)",
+            ],
+            rows,
+        )
+    )
+
+
+def memory_section(results: Results) -> str:
+    run = results.memory
+    if run is None:
+        return "## 6. Memory\n\nNot measured in this run."
+    rows = [
+        [
+            f"{run.tasks:,}",
+            run.concurrency,
+            f"{run.warm_mib:.1f}",
+            f"{run.final_mib:.1f}",
+            f"{run.peak_mib:.1f}",
+            f"{run.growth_kib_per_1000:+.0f}",
+            f"{run.seconds:.0f}",
+        ]
+    ]
+    trace = ", ".join(f"{done:,}: {rss:.1f}" for done, rss in run.samples[:: max(len(run.samples) // 8, 1)])
+    return (
+        "## 6. Memory: RSS of a consumer process\n\n"
+        f"A separate process runs `beanie_tasks.Worker` with concurrency {run.concurrency} over a task whose `run()` "
+        "does nothing (`bench/memory_worker.py`). The harness keeps 16-48 tasks waiting, deletes finished ones so "
+        "the collection stays small (the bundled server scans it on every claim), and samples the worker's RSS with "
+        "psutil every 0.1 s; the peak is the kernel's `VmHWM`. Growth is measured from the first 10% of tasks (once "
+        "imports and connection pools have settled) to the end.\n\n"
+        + table(
+            [
+                "tasks",
+                "concurrency",
+                "RSS after 10% (MiB)",
+                "final RSS (MiB)",
+                "peak RSS (MiB)",
+                "growth (KiB per 1,000 tasks)",
+                "seconds",
+            ],
+            rows,
+        )
+        + f"\n\nRSS (MiB) by tasks done: {trace}."
+    )
+
+
+def systems_section(results: Results) -> str:
+    rows = [
+        [
+            "beanie-tasks",
+            beanie_tasks.__version__,
+            f"change stream; else polling with backoff up to {Task.task_options.poll_interval:g} s",
+            "main `.venv`",
+        ],
+        [FLOOR, f"pymongo {pymongo.__version__}", "n/a (drain loop)", "main `.venv`"],
+    ]
+    rows += [[info["name"], info["version"], info["poll"], "`.venv/bench-peers`"] for info in results.peers.values()]
+    return "## Systems\n\n" + table(["system", "version", "default wake-up / poll interval", "environment"], rows)
+
+
+def write_markdown(results: Results) -> str:
+    server = results.server
+    parts = [
+        "# Benchmark results\n\n"
+        "Generated by `python -m bench` (`make bench`); do not edit by hand. Method and discussion: "
+        "`docs/performance.md`.\n\n"
+        f"- run: {results.machine.get('date')}, {results.mode} mode, {results.seconds:.0f} s\n"
+        f"- machine: {results.machine.get('cpus')} CPUs, {results.machine.get('platform')}, "
+        f"Python {results.machine.get('python')}\n"
+        f"- server for **every table below**: {server.get('label')}, reports version {server.get('version')}"
+        f"{', replica set ' + server['replica_set'] if server.get('replica_set') else ''}\n"
+        "- figures are medians with (min-max) over repetitions",
+        systems_section(results),
+        commands_section(results),
+        batch_section(results),
+        throughput_section(results),
+        latency_section(results),
+        scaling_section(results),
+        memory_section(results),
+    ]
+    if results.errors:
+        parts.append("## Errors\n\n" + "\n".join(f"- {name}: {text}" for name, text in results.errors.items()))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    systems = list(results.throughput)
+    concurrencies = results.sizes.concurrencies
+    width = 0.8 / max(len(systems), 1)
+    for index, system in enumerate(systems):
+        medians, low, high = [], [], []
+        for c in concurrencies:
+            runs = results.throughput[system].get(c) or [0.0]
+            spread = Spread.of(runs)
+            medians.append(spread.median)
+            low.append(spread.median - spread.low)
+            high.append(spread.high - spread.median)
+        positions = [i + index * width for i in range(len(concurrencies))]
+        left.bar(positions, medians, width, yerr=[low, high], capsize=2, label=system)
+    left.set_xticks(
+        [i + width * (len(systems) - 1) / 2 for i in range(len(concurrencies))], [f"C = {c}" for c in concurrencies]
+    )
+    left.set_ylabel("tasks / second (median, min-max)")
+    left.set_title("Throughput, no-op handler")
+    if systems:
+        left.legend(fontsize=8)
+
+    names = [name for name, seconds in results.latency.items() if seconds]
+    for index, label in enumerate(("p50", "p95", "p99")):
+        values = [getattr(Latency.of(results.latency[n]), label) * 1000 for n in names]
+        right.bar([i + index * 0.27 for i in range(len(names))], values, 0.27, label=label)
+    right.set_xticks([i + 0.27 for i in range(len(names))], [n.replace(" (", "\n(") for n in names], fontsize=8)
+    right.set_ylabel("milliseconds")
+    right.set_title("Enqueue-to-start latency")
+    if names:
+        right.legend(fontsize=8)
+    figure.suptitle(
+        f"beanie-tasks and peers on {results.server.get('label')} ({results.mode} run, {results.machine.get('date')})",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(results: Results, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "latest.md"
+    plot = out / "latest.png"
+    markdown.write_text(write_markdown(results))
+    write_plot(results, plot)
+    return markdown, plot

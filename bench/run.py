@@ -1,0 +1,237 @@
+"""The benchmark harness: start (or find) a server, run every workload, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from beanie_tasks.embedded import EmbeddedServer
+from bench import ours, peers
+from bench.memory import measure_memory
+from bench.report import write_report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("commands", "batch", "throughput", "latency", "scaling", "memory")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; ``quick`` trades precision for a run of a minute or two."""
+
+    repetitions: int = 3
+    throughput_tasks: int = 40
+    concurrencies: tuple[int, ...] = (1, 4, 16)
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    batch_concurrency: int = 4
+    command_repeat: int = 5
+    dependency_links: tuple[int, ...] = (1, 3, 10)
+    latency_samples: int = 20
+    scaling_sizes: tuple[int, ...] = (100, 1_000, 10_000)
+    scaling_claims: int = 3
+    # 10,000 tasks take ten minutes or more on the bundled server alone: see docs/performance.md.
+    memory_tasks: int = 1_000
+    memory_concurrency: int = 16
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            repetitions=1,
+            throughput_tasks=30,
+            command_repeat=2,
+            latency_samples=8,
+            scaling_sizes=(100, 1_000),
+            memory_tasks=300,
+        )
+
+
+@dataclass
+class Results:
+    """Everything one run measured; ``report.py`` turns it into tables and a plot."""
+
+    mode: str
+    sizes: Sizes
+    server: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    commands: dict[str, Any] = field(default_factory=dict)
+    batch: dict[int, dict[str, Any]] = field(default_factory=dict)
+    throughput: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    scaling: list[dict[str, Any]] = field(default_factory=list)
+    memory: Any = None
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def server(progress: Progress) -> Iterator[tuple[str, str]]:
+    """``MONGODB_URI`` when set, else a bundled SecantusDB for the run; yields (uri, label)."""
+    configured = os.environ.get("MONGODB_URI")
+    if configured:
+        yield configured, "MONGODB_URI"
+        return
+    progress.say("starting the bundled SecantusDB server")
+    with EmbeddedServer() as embedded:
+        yield embedded.uri, "SecantusDB (bundled, started by the harness)"
+
+
+async def guarded(results: Results, name: str, progress: Progress, work: Callable[[], Awaitable[None]]) -> None:
+    """Run one section; a failure is recorded in the report instead of ending the run."""
+    progress.say(f"{name} ...")
+    try:
+        await work()
+    except Exception as exc:
+        results.errors[name] = f"{type(exc).__name__}: {exc}"
+        progress.say(f"{name} FAILED: {exc}")
+        traceback.print_exc()
+
+
+async def run(args: argparse.Namespace) -> Results:
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.memory_tasks is not None:
+        sizes = dataclasses.replace(sizes, memory_tasks=args.memory_tasks)
+    results = Results(mode="quick" if args.quick else "full", sizes=sizes)
+    progress = Progress()
+    wanted = set(args.only or SECTIONS)
+    results.machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    peer_python = None
+    if not args.no_peers:
+        try:
+            peer_python = Path(args.peers_python) if args.peers_python else peers.peers_python()
+        except Exception as exc:
+            results.errors["peers"] = f"could not set up the peers' environment: {exc}"
+            progress.say(results.errors["peers"])
+    with server(progress) as (uri, label):
+        results.server = {"label": label} | await ours.server_description(uri)
+        progress.say(f"server: {label}, version {results.server['version']}")
+        if peer_python is not None:
+            for system in peers.SYSTEMS:
+                results.peers[system] = await peers.run_peer(peer_python, system, "info", uri)
+
+        async def run_peer(system: str, workload: str, *options: str) -> Any:
+            if peer_python is None:
+                raise RuntimeError("no peers environment")
+            return await peers.run_peer(peer_python, system, workload, uri, *options)
+
+        async def peer_throughput(system: str, concurrency: int) -> float:
+            options = ("--tasks", str(sizes.throughput_tasks), "--concurrency", str(concurrency))
+            return float((await run_peer(system, "throughput", *options))["per_second"])
+
+        async def commands() -> None:
+            results.commands["beanie-tasks"] = await ours.commands_independent(uri, sizes.command_repeat)
+            results.commands["raw driver floor"] = await ours.commands_floor(uri, sizes.command_repeat)
+            for system in results.peers:
+                name = results.peers[system]["name"]
+                results.commands[name] = await run_peer(system, "commands", "--repeat", str(sizes.command_repeat))
+            for links in sizes.dependency_links:
+                key = f"beanie-tasks, {links} ALL_OF dependencies"
+                if not ours.dependencies_available():
+                    results.commands[key] = {"pending": "beanie_tasks.dependencies is not available yet"}
+                    continue
+                try:
+                    results.commands[key] = await ours.commands_with_dependencies(uri, links)
+                except Exception as exc:
+                    results.commands[key] = {"pending": f"{type(exc).__name__}: {exc}"}
+
+        async def batch() -> None:
+            for k in sizes.batch_sizes:
+                results.batch[k] = await ours.commands_batch(uri, k, rounds=2)
+                results.batch[k]["per_second"] = []
+            for _ in range(sizes.repetitions):
+                for k in sizes.batch_sizes:
+                    rate = await ours.throughput_batch(uri, sizes.throughput_tasks, sizes.batch_concurrency, k)
+                    results.batch[k]["per_second"].append(rate)
+
+        async def throughput() -> None:
+            systems: dict[str, Callable[[int], Awaitable[float]]] = {
+                "raw driver floor": lambda c: ours.throughput_floor(uri, sizes.throughput_tasks, c),
+                "raw driver, beanie-tasks documents": lambda c: ours.throughput_floor(
+                    uri, sizes.throughput_tasks, c, same_documents=True
+                ),
+                "beanie-tasks": lambda c: ours.throughput_ours(uri, sizes.throughput_tasks, c),
+            }
+            for system, info in results.peers.items():
+                systems[info["name"]] = lambda c, s=system: peer_throughput(s, c)  # type: ignore[misc]
+            for repetition in range(sizes.repetitions):
+                for concurrency in sizes.concurrencies:
+                    for name, measure in systems.items():
+                        rate = await measure(concurrency)
+                        results.throughput.setdefault(name, {}).setdefault(concurrency, []).append(rate)
+                progress.say(f"throughput repetition {repetition + 1}/{sizes.repetitions} done")
+
+        async def latency() -> None:
+            results.latency["beanie-tasks (change stream)"] = await ours.latency_ours(
+                uri, sizes.latency_samples, change_stream=True
+            )
+            results.latency["beanie-tasks (polling)"] = await ours.latency_ours(
+                uri, sizes.latency_samples, change_stream=False
+            )
+            for system, info in results.peers.items():
+                answer = await run_peer(system, "latency", "--samples", str(sizes.latency_samples))
+                results.latency[info["name"]] = answer["seconds"]
+
+        async def scaling() -> None:
+            for queued in sizes.scaling_sizes:
+                results.scaling.append(await ours.scaling(uri, queued, sizes.scaling_claims))
+                progress.say(f"scaling at {queued} queued tasks done")
+
+        async def memory() -> None:
+            results.memory = await measure_memory(uri, sizes.memory_tasks, sizes.memory_concurrency)
+
+        work = {
+            "commands": commands,
+            "batch": batch,
+            "throughput": throughput,
+            "latency": latency,
+            "scaling": scaling,
+            "memory": memory,
+        }
+        for name in SECTIONS:
+            if name in wanted:
+                await guarded(results, name, progress, work[name])
+    results.seconds = time.monotonic() - progress.started
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition (a minute or two)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer queues (no extra virtualenv)")
+    parser.add_argument("--peers-python", help="use this interpreter for the peers instead of .venv/bench-peers")
+    parser.add_argument(
+        "--memory-tasks", type=int, help="tasks the memory run works through (default 1,000; 300 quick)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md and latest.png go")
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args))
+    markdown, plot = write_report(results, args.out)
+    print(f"bench: wrote {markdown} and {plot} in {results.seconds:.0f}s", file=sys.stderr)
+    if results.errors:
+        print(f"bench: sections with errors: {', '.join(results.errors)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,69 @@
+"""TaskSettings: resolved at class creation, inherited, validated with clear errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from beanie_tasks import Backoff, Task, TaskOptions
+
+
+def test_defaults_keep_seed_semantics() -> None:
+    options = Task.task_options
+    assert options.max_attempts == 1 and options.ttl is None
+    assert options.visibility_timeout == 60.0 and options.lease == timedelta(seconds=60)
+    assert options.heartbeat_every == 20.0
+
+
+def test_nested_task_settings_are_resolved_and_inherited() -> None:
+    class Parent(Task):
+        class TaskSettings:
+            max_attempts = 4
+            visibility_timeout = timedelta(seconds=30)
+            ttl = 3600
+
+    class Child(Parent):
+        class TaskSettings:
+            ttl = 60
+
+    assert Parent.task_options.max_attempts == 4
+    assert Parent.task_options.visibility_timeout == 30.0
+    assert Child.task_options.max_attempts == 4, "unset options are inherited"
+    assert Child.task_options.ttl == 60.0
+    assert Task.task_options.max_attempts == 1, "the base class is untouched"
+
+
+def test_unknown_option_names_the_known_ones() -> None:
+    with pytest.raises(TypeError, match=r"Unknown TaskSettings option.*max_attempts"):
+
+        class Typo(Task):
+            class TaskSettings:
+                max_attempt = 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_attempts": 0}, ValueError),
+        ({"max_attempts": 2.5}, TypeError),
+        ({"max_attempts": True}, TypeError),
+        ({"visibility_timeout": 0}, ValueError),
+        ({"visibility_timeout": -5}, ValueError),
+        ({"visibility_timeout": "60"}, TypeError),
+        ({"visibility_timeout": None}, TypeError),
+        ({"ttl": 0}, ValueError),
+        ({"backoff": 5}, TypeError),
+        ({"visibility_timeout": 10, "heartbeat_interval": 10}, ValueError),
+    ],
+)
+def test_bad_values_fail_loudly(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error, match="TaskSettings"):
+        TaskOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_timedeltas_become_seconds_and_options_are_frozen() -> None:
+    options = TaskOptions(ttl=timedelta(days=1), backoff=Backoff(base=2))
+    assert options.ttl == 86400.0 and options.backoff.base == 2
+    with pytest.raises(AttributeError):
+        options.ttl = 5  # type: ignore[misc]
