@@ -45,7 +45,7 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(VENV)/bin/mkdocs build --strict
 
-# Benchmarks (not tests): about 10 minutes; `make bench BENCH_ARGS=--quick` for a short run.
+# Benchmarks (not tests): under 10 minutes on 2 cores; `make bench BENCH_ARGS=--quick` for a short run.
 bench: $(VENV)/.installed
 	$(PY) -m bench $(BENCH_ARGS)
 

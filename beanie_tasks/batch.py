@@ -3,7 +3,7 @@
 ``claim_batch`` takes up to ``k`` ready tasks in three commands whatever ``k`` is:
 
 1. a ``find`` of the ids of the first ``k`` claimable tasks, in claim order (the
-   same filter and sort as ``pop()``, so the same index serves it);
+   same filter, sort and ``bt_claim`` index hint as ``pop()``);
 2. one ``update_many`` that moves those of them that are *still* CREATED and due to
    RUNNING under a fresh lease token, so a task another consumer took in between
    is skipped, never shared;
@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from beanie_tasks import dependencies, driver
 from beanie_tasks.states import State
-from beanie_tasks.task import CLAIM_SORT, Task, default_consumer_id, utcnow
+from beanie_tasks.task import CLAIM_INDEX, CLAIM_SORT, Task, default_consumer_id, utcnow
 
 T = TypeVar("T", bound=Task)
 
@@ -60,7 +60,9 @@ async def claim_batch(task_class: type[T], k: int, *, consumer_id: str | None = 
     for _ in range(CLAIM_ROUNDS):
         now = utcnow()
         claimable = task_class.claim_filter(now)
-        cursor = collection.find(claimable, {"_id": 1}, sort=CLAIM_SORT, limit=k)
+        # Pinned to the claim index, as pop() is, so no server's planner picks a scan plus a sort.
+        hint = driver.index_hint(collection, CLAIM_INDEX)
+        cursor = collection.find(claimable, {"_id": 1}, sort=CLAIM_SORT, limit=k, **hint)
         candidates = [row["_id"] async for row in cursor]
         if not candidates:
             return []

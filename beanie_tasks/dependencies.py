@@ -387,6 +387,24 @@ async def after_terminal_by_id(task_class: type[Task], task_id: Any) -> None:
         await after_terminal(task_class, document, document)
 
 
+async def after_terminal_many(task_class: type[Task], task_ids: Iterable[Any]) -> None:
+    """For bulk terminal writes (``update_many``): tell the dependents of those that have any.
+
+    One ``find`` for a class that links can point to; no command at all otherwise.
+    """
+    if not is_link_target(task_class):
+        return
+    ids = list(task_ids)
+    if not ids:
+        return
+    rows = task_class.collection().find(
+        {"_id": {"$in": ids}, "dependents_pending": True, "state": {"$in": _TERMINAL}},
+        {**ENDED_PROJECTION, "state": 1, "error": 1},
+    )
+    async for row in rows:
+        await after_terminal(task_class, row, row)
+
+
 # ------------------------------------------------------------------ pushing
 
 

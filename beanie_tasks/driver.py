@@ -109,3 +109,10 @@ async def bulk_update(collection: Any, updates: list[tuple[dict[str, Any], dict[
         return matched
     result = await collection.bulk_write([UpdateOne(s, u) for s, u in updates], ordered=False)
     return int(result.matched_count)
+
+
+def index_hint(collection: Any, index_name: str) -> dict[str, Any]:
+    """A ``hint`` option pinning a query to one index; mongomock has no planner and takes none."""
+    if is_mock(collection):
+        return {}
+    return {"hint": index_name}

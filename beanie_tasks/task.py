@@ -36,6 +36,7 @@ log = logging.getLogger("beanie_tasks")
 # A task that may not be claimed yet (it waits for dependencies) is parked here, so the
 # claim filter never needs a second condition and stays served by one index.
 FAR_FUTURE = datetime(9999, 12, 31, tzinfo=timezone.utc)
+CLAIM_INDEX = "bt_claim"
 CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
 MAX_QUARANTINES_PER_POP = 100
 # The server's code for a document over the 16 MB limit that the driver let through.
@@ -318,6 +319,8 @@ class Task(Document):
                 },
                 sort=CLAIM_SORT,
                 return_document=ReturnDocument.AFTER,
+                # Pin the plan to the claim index; a claim pinned to one _id is better served by _id.
+                **(driver.index_hint(collection, CLAIM_INDEX) if not exclude else {}),
             )
             if document is None:
                 return None
@@ -793,7 +796,7 @@ async def ensure_indexes(task_class: type[Task]) -> None:
             # Equality (state), then sort (priority, run_at, _id), then range (run_at).
             IndexModel(
                 [("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
-                name="bt_claim",
+                name=CLAIM_INDEX,
             ),
             IndexModel([("state", ASCENDING), ("lease_expires_at", ASCENDING)], name="bt_lease"),
             IndexModel(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -33,10 +33,12 @@ class CommandCounter(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+        self.last: dict[str, Mapping[str, Any]] = {}
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name not in BACKGROUND_COMMANDS:
             self.commands.append(event.command_name)
+            self.last[event.command_name] = event.command
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -46,6 +48,7 @@ class CommandCounter(monitoring.CommandListener):
 
     def reset(self) -> None:
         self.commands.clear()
+        self.last.clear()
 
     @property
     def total(self) -> int:

@@ -30,6 +30,16 @@ CLAIMABLE_CHANGES: list[dict[str, Any]] = [
 ]
 
 
+# How long close() waits for a cancelled change stream to shut down.
+CLOSE_TIMEOUT = 2.0
+
+
+def _consume_outcome(task: asyncio.Task[None]) -> None:
+    """Retrieve a finished watcher's outcome so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Wakeup:
     """Sleeps until something worth a claim attempt happens, or a bounded time passes.
 
@@ -119,12 +129,21 @@ class Wakeup:
         self._event.clear()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, PyMongoError):
-                await self._watcher
-            self._watcher = None
+        """Stop watching, waiting a bounded time for the cursor to close.
+
+        Closing a change stream sends ``killCursors``; with a cancelled ``getMore`` still
+        holding the connection under load that can take long, and a consumer must never
+        hang on its way out, so the watcher is left to finish on its own past the bound.
+        """
+        watcher, self._watcher = self._watcher, None
         self._streaming = False
+        if watcher is None:
+            return
+        watcher.cancel()
+        done, _ = await asyncio.wait({watcher}, timeout=CLOSE_TIMEOUT)
+        if not done:
+            log.debug("change stream still closing after %.0fs; not waiting for it", CLOSE_TIMEOUT)
+        watcher.add_done_callback(_consume_outcome)
 
     async def __aenter__(self) -> Wakeup:
         await self.start()

@@ -22,12 +22,15 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled
 from beanie_tasks.limits import Grant, Limiter
+from beanie_tasks.redact import redact_text
 from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id
 from beanie_tasks.wakeup import Wakeup
 
@@ -37,6 +40,10 @@ log = logging.getLogger("beanie_tasks.worker")
 RELEASE_TIMEOUT = 10.0
 # After stop, how long background jobs (schedules) get to end on their own.
 BACKGROUND_STOP_TIMEOUT = 5.0
+# A settle (finish/fail/release) that hits a dropped connection is retried, after these
+# pauses, before the task is left to lease recovery. Repeating a settle is safe: one
+# whose first attempt was applied after all returns success, not LeaseLost.
+SETTLE_RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 @dataclasses.dataclass
@@ -53,8 +60,23 @@ def _has_own_run(task_class: type[Task]) -> bool:
     return any("run" in vars(klass) for klass in task_class.__mro__ if klass is not Task and issubclass(klass, Task))
 
 
+def _expand_modules(entries: Sequence[type[Task] | ModuleType | str]) -> list[Any]:
+    """Task classes as given, and for a module (or its dotted name) the classes in it that define run()."""
+    classes: list[Any] = []
+    for entry in entries:
+        if isinstance(entry, (str, ModuleType)):
+            module = import_modules([entry])[0] if isinstance(entry, str) else entry
+            found = [cls for cls in task_classes_in([module]) if _has_own_run(cls)]
+            if not found:
+                raise ValueError(f"module {module.__name__!r} defines no Task subclass with a run() method")
+            classes.extend(found)
+        else:
+            classes.append(entry)
+    return classes
+
+
 class Worker:
-    """Runs tasks of ``task_classes`` until stopped.
+    """Runs tasks of ``task_classes`` (classes, or modules / dotted module names holding them) until stopped.
 
     ``concurrency`` bounds how many ``run()`` calls are in progress at once in this process
     (a class's ``TaskSettings.concurrency`` can cap its own share further). Several
@@ -63,7 +85,7 @@ class Worker:
 
     def __init__(
         self,
-        task_classes: Sequence[type[Task]],
+        task_classes: Sequence[type[Task] | ModuleType | str],
         *,
         concurrency: int = 10,
         consumer_id: str | None = None,
@@ -71,7 +93,7 @@ class Worker:
         use_change_stream: bool = True,
         schedules: bool = True,
     ) -> None:
-        classes = list(dict.fromkeys(task_classes))
+        classes = list(dict.fromkeys(_expand_modules(task_classes)))
         if not classes:
             raise ValueError("a Worker needs at least one task class")
         for task_class in classes:
@@ -364,7 +386,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_alive
         try:
-            await self._settle(record, name, timeout)
+            await self._settle_patiently(record, name, timeout)
         except TaskCancelled:
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while it ran; its outcome was dropped", name)
@@ -378,6 +400,20 @@ class Worker:
             if record.grant is not None and record.grant.slots:
                 with contextlib.suppress(PyMongoError):
                     await self._limiters[type(task)].release(record.grant)
+
+    async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> None:
+        """Settle, retrying a write lost to the network instead of waiting out the lease."""
+        for delay in (*SETTLE_RETRY_DELAYS, None):
+            try:
+                await self._settle(record, name, timeout)
+                return
+            except PyMongoError as exc:
+                retryable = isinstance(exc, ConnectionFailure) or exc.has_error_label("RetryableWriteError")
+                if delay is None or not retryable:
+                    raise
+                self.stats["settle retried"] += 1
+                log.warning("%s: could not record its outcome (%s); trying again in %g s", name, redact_text(str(exc)), delay)
+                await asyncio.sleep(delay)
 
     async def _settle(self, record: _Running, name: str, timeout: float | None) -> None:
         """Write the outcome of one run: finish, fail (retry policy), release, or nothing."""

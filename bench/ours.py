@@ -206,24 +206,47 @@ def stored_document() -> dict[str, Any]:
     return {name: value for name, value in fields.items() if name not in ("id", "revision_id")}
 
 
-async def throughput_floor(uri: str, tasks: int, concurrency: int, *, same_documents: bool = False) -> float:
-    """The raw-driver floor: find_one_and_update + update_one, same index.
+async def throughput_floor(uri: str, tasks: int, concurrency: int, *, like_beanie_tasks: bool = False) -> float:
+    """The raw-driver floor: a find_one_and_update + update_one loop with no library in between.
 
-    With ``same_documents`` the documents are the ones beanie-tasks stores (about twenty
-    fields); otherwise bare three-field documents. On a server that scans, the
-    difference is the cost of the document size alone.
+    By default: bare three-field documents and one index (the claim's). With
+    ``like_beanie_tasks`` the loop runs on the collection beanie-tasks sets up (all its
+    indexes), over the documents it stores, sending the very updates ``pop()`` and
+    ``finish()`` send: the gap between this row and beanie-tasks is the library's own
+    client-side cost, and the gap to the bare floor is what the server charges for the
+    richer documents, writes and indexes.
     """
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+    client = client_for(uri)
     name = f"bench_floor_{uuid.uuid4().hex[:8]}"
-    collection = client[name]["floor"]
     try:
-        await collection.create_indexes(
-            [IndexModel([("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)])]
-        )
+        if like_beanie_tasks:
+            await init_beanie(database=client[name], document_models=[BenchJob])
+            collection = BenchJob.collection()
+        else:
+            collection = client[name]["floor"]
+            await collection.create_indexes(
+                [
+                    IndexModel(
+                        [("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
+                    )
+                ]
+            )
         for _ in range(tasks):
-            document = stored_document() if same_documents else {"state": "CREATED", "priority": 2, "run_at": utcnow()}
-            document.pop("_id", None)
-            await collection.insert_one(document)
+            bare = {"state": "CREATED", "priority": 2, "run_at": utcnow()}
+            await collection.insert_one(stored_document() if like_beanie_tasks else bare)
+
+        def claim_update(now: datetime) -> dict[str, Any]:
+            if not like_beanie_tasks:
+                return {"$set": {"state": "RUNNING", "lease_token": uuid.uuid4().hex}}
+            lease = {"consumer_id": "floor", "lease_token": uuid.uuid4().hex, "started_at": now}
+            lease["lease_expires_at"] = now + BenchJob.task_options.lease
+            return {"$set": {"state": "RUNNING", **lease}, "$inc": {"attempts": 1}}
+
+        def finish_update(now: datetime) -> dict[str, Any]:
+            if not like_beanie_tasks:
+                return {"$set": {"state": "FINISHED"}}
+            fields = {"finished_at": now, "expires_at": None, "lease_expires_at": None, "result": None}
+            return {"$set": {"state": "FINISHED", **fields}, "$unset": {"dedupe_slot": ""}}
 
         async def consumer() -> int:
             done = 0
@@ -231,21 +254,21 @@ async def throughput_floor(uri: str, tasks: int, concurrency: int, *, same_docum
                 now = datetime.now(timezone.utc)
                 doc = await collection.find_one_and_update(
                     {"state": "CREATED", "run_at": {"$lte": now}},
-                    {"$set": {"state": "RUNNING", "lease_token": uuid.uuid4().hex}},
+                    claim_update(now),
                     sort=CLAIM_SORT,
                     return_document=ReturnDocument.AFTER,
                 )
                 if doc is None:
                     return done
                 await collection.update_one(
-                    {"_id": doc["_id"], "lease_token": doc["lease_token"]}, {"$set": {"state": "FINISHED"}}
+                    {"_id": doc["_id"], "state": "RUNNING", "lease_token": doc["lease_token"]}, finish_update(now)
                 )
                 done += 1
 
         done, seconds = await drain(consumer, concurrency)
     finally:
         await client.drop_database(name)
-        await client.close()
+        await close_client(client)
     return done / seconds
 
 

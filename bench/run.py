@@ -170,8 +170,8 @@ async def run(args: argparse.Namespace) -> Results:
         async def throughput() -> None:
             systems: dict[str, Callable[[int], Awaitable[float]]] = {
                 "raw driver floor": lambda c: ours.throughput_floor(uri, sizes.throughput_tasks, c),
-                "raw driver, beanie-tasks documents": lambda c: ours.throughput_floor(
-                    uri, sizes.throughput_tasks, c, same_documents=True
+                "raw driver, beanie-tasks' documents and writes": lambda c: ours.throughput_floor(
+                    uri, sizes.throughput_tasks, c, like_beanie_tasks=True
                 ),
                 "beanie-tasks": lambda c: ours.throughput_ours(uri, sizes.throughput_tasks, c),
             }

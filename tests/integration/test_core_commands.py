@@ -8,7 +8,7 @@ import pytest
 from pymongo import ASCENDING, DESCENDING
 
 from beanie_tasks import Task
-from beanie_tasks.task import CLAIM_SORT, utcnow
+from beanie_tasks.task import CLAIM_INDEX, CLAIM_SORT, utcnow
 from tests.conftest import Backend
 
 
@@ -71,10 +71,16 @@ async def test_claim_plan_is_an_index_scan_of_bt_claim(backend: Backend) -> None
         task = await Work.pop()
         assert task is not None
         await task.finish()
-    cursor = Work.collection().find(Work.claim_filter(utcnow())).sort(CLAIM_SORT).limit(1)
+    backend.counter.reset()
+    await Work.pop()
+    # pop() pins its plan to the claim index, so no server's planner can choose otherwise.
+    assert backend.counter.last["findAndModify"].get("hint") == CLAIM_INDEX
+    cursor = Work.collection().find(Work.claim_filter(utcnow())).sort(CLAIM_SORT).hint(CLAIM_INDEX).limit(1)
     plan = (await cursor.explain())["queryPlanner"]["winningPlan"]
     stages = plan_stages(plan)
-    if backend.name == "secantus" and ("COLLSCAN", None) in stages:
-        pytest.skip("SecantusDB's planner does not pick a compound index for an equality+range+sort query")
     assert ("IXSCAN", "bt_claim") in stages, stages
+    if backend.name == "secantus":
+        # SecantusDB's planner re-sorts index output in memory; MongoDB takes the order from
+        # the index (equality, sort, range), which the strict check below holds it to.
+        return
     assert all(stage != "SORT" for stage, _ in stages), f"the sort must come from the index: {stages}"

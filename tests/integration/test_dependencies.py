@@ -317,6 +317,15 @@ async def test_recover_expired_tells_dependents_a_dying_finisher_left_behind() -
     assert "dependents_pending" not in stored
 
 
+async def test_bulk_terminal_writes_tell_dependents_through_the_helper() -> None:
+    resizes = [await Resize(src=f"bulk{i}").push() for i in range(2)]
+    publishes = [await Publish(resize=r).push() for r in resizes]
+    ids = [r.id for r in resizes]
+    await Resize.collection().update_many({"_id": {"$in": ids}}, {"$set": {"state": State.FINISHED.value}})
+    await dependencies.after_terminal_many(Resize, ids)
+    assert {(await run(Publish)).id for _ in publishes} == {p.id for p in publishes}
+
+
 async def test_a_dependent_whose_registration_was_lost_is_registered_again() -> None:
     resize = await Resize(src="k").push()
     publish = await Publish(resize=resize).push()

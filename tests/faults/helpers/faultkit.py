@@ -23,12 +23,25 @@ class Consumers:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, uri: str, database: str, task_class: str, *, concurrency: int = 4, name: str = "c", worker: bool = True
+        self,
+        uri: str,
+        database: str,
+        task_class: str,
+        *,
+        concurrency: int = 4,
+        name: str = "c",
+        worker: bool = True,
+        max_seconds: float | None = None,
     ) -> Any:
-        """Start a consumer: the real ``Worker`` by default, else coroutines on ``Task.queue()``."""
+        """Start a consumer: the real ``Worker`` by default, else coroutines on ``Task.queue()``.
+
+        It stops by itself after ``max_seconds`` (the consumer's own default when None).
+        """
         log = open(self.tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child
         command = [sys.executable, str(HELPERS / "consumer.py"), uri, database, task_class]
         command += ["--concurrency", str(concurrency), "--consumer-id", name] + (["--worker"] if worker else [])
+        if max_seconds is not None:
+            command += ["--max-seconds", str(max_seconds)]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         log.close()
         self.processes.append(process)
