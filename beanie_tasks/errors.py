@@ -20,7 +20,13 @@ class TaskCancelled(LeaseLost):
 
 
 class PushError(TaskError):
-    """A push could not be stored; the task was not written."""
+    """A push could not be stored, or its outcome is unknown.
+
+    Bad input (a payload over 16 MB, a link to a missing task) means nothing was written.
+    A lost connection or another server error means the task may or may not be stored:
+    calling ``push()`` again on the same object is safe, it reuses the task's id and is
+    never stored twice.
+    """
 
 
 class WaitTimeout(TaskError, TimeoutError):

@@ -10,10 +10,12 @@ started once per test session (needs the ``server`` extra).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from pymongo import monitoring
 
 from beanie_tasks.driver import client_for, close_client
 from beanie_tasks.embedded import EmbeddedServer
+from beanie_tasks.worker import Worker
 
 # Commands the driver sends on its own, which say nothing about an operation's cost.
 BACKGROUND_COMMANDS = frozenset(
@@ -79,3 +82,30 @@ async def task_database(mongodb_uri: str) -> AsyncIterator[Any]:
     finally:
         await client.drop_database(name)
         await close_client(client)
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Await ``probe()`` until it returns something truthy, and return that; fail after ``timeout`` seconds.
+
+    Tests wait on conditions, never on a fixed sleep, so they stay correct on a slow machine.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        value = await probe()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker, *, stop_timeout: float = 20.0) -> AsyncIterator[Worker]:
+    """Run ``worker`` in the background for the block, then stop it and wait for its drain."""
+    stop = asyncio.Event()
+    job = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(job, stop_timeout)

@@ -2,7 +2,8 @@
 
 It claims fairly across classes (round-robin), keeps each lease alive with heartbeats
 while ``run`` works, enforces ``timeout``, stops a task cancelled by someone else within
-one heartbeat, honours rate and concurrency limits, recovers expired leases, and on
+one heartbeat, retries recording an outcome that a dropped connection lost, honours
+rate and concurrency limits, recovers expired leases, and on
 SIGTERM/SIGINT drains gracefully: running tasks get ``grace_period`` seconds, and those
 still running are released unspent so another worker picks them up.
 """
@@ -412,7 +413,8 @@ class Worker:
                 if delay is None or not retryable:
                     raise
                 self.stats["settle retried"] += 1
-                log.warning("%s: could not record its outcome (%s); trying again in %g s", name, redact_text(str(exc)), delay)
+                reason = redact_text(str(exc))
+                log.warning("%s: could not record its outcome (%s); trying again in %g s", name, reason, delay)
                 await asyncio.sleep(delay)
 
     async def _settle(self, record: _Running, name: str, timeout: float | None) -> None:

@@ -1,13 +1,16 @@
-"""Peak and steady RSS of a consumer process running many no-op tasks.
+"""Peak and steady RSS of a consumer process working through many no-op tasks.
 
-The harness keeps the live collection small (it refills in chunks and deletes
-finished tasks), because the bundled server scans collections: what grows here is
-the count of tasks the worker has run, not the size of the queue.
+The tasks are fed in waves: a producer keeps at most ``concurrency + 2 * WAVE`` tasks
+in flight, pushes another wave as tasks finish, and deletes finished tasks as it goes.
+The bundled server scans collections, so queueing all the tasks at once would measure
+its scans (a 10,000-task queue took over 17 minutes); fed in waves, the collection
+stays small and what grows is only the count of tasks the worker has run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
 import uuid
 from dataclasses import dataclass
@@ -21,25 +24,35 @@ from beanie_tasks.states import State
 from beanie_tasks.task import utcnow
 from bench.ours import BenchJob
 
-# Keep about this many tasks waiting: enough that the worker never idles, few enough to scan fast.
-REFILL = 32
 ROOT = Path(__file__).resolve().parent.parent
-LOW_WATER = 16
+# Tasks pushed at once; between one and two waves wait behind the running ones.
+WAVE = 20
+SAMPLE_EVERY = 0.1  # seconds
+# Give up when the worker has finished nothing for this long (it died or hung).
+STALL_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
 class MemoryRun:
-    tasks: int
+    tasks: int  # tasks the worker ran (fewer than planned only when the time budget ran out)
+    planned: int
     concurrency: int
     seconds: float
-    samples: list[tuple[int, float]]  # (tasks done, RSS MiB)
+    samples: list[tuple[int, float]]  # (tasks done, RSS MiB), one every SAMPLE_EVERY seconds
     peak_mib: float
+    most_queued: int  # the most tasks ever in the collection at once (in flight, unfinished)
+
+    @property
+    def warm_from(self) -> int:
+        """Tasks done before growth is counted: imports and connection pools settle in the first tenth."""
+        return self.tasks // 10
+
+    def _warm(self) -> list[tuple[int, float]]:
+        return [(done, rss) for done, rss in self.samples if done >= self.warm_from] or self.samples
 
     @property
     def warm_mib(self) -> float:
-        """RSS once the first tenth of the tasks has run (imports and pools settled)."""
-        warm = [rss for done, rss in self.samples if done >= self.tasks // 10]
-        return warm[0] if warm else self.samples[0][1]
+        return self._warm()[0][1]
 
     @property
     def final_mib(self) -> float:
@@ -47,8 +60,25 @@ class MemoryRun:
 
     @property
     def growth_kib_per_1000(self) -> float:
-        span = self.samples[-1][0] - self.tasks // 10
-        return (self.final_mib - self.warm_mib) * 1024 / span * 1000 if span > 0 else 0.0
+        """Least-squares slope of RSS against tasks done after warm-up, in KiB per 1,000 tasks."""
+        warm = self._warm()
+        if len({done for done, _ in warm}) < 2:
+            return 0.0
+        fit = statistics.linear_regression([done for done, _ in warm], [rss * 1024 for _, rss in warm])
+        return fit.slope * 1000
+
+    @property
+    def window(self) -> int:
+        """Tasks per window of the per-window peaks: 1,000, or a tenth of a smaller run."""
+        return 1000 if self.tasks >= 2000 else max(self.tasks // 10, 1)
+
+    def window_peaks(self) -> list[tuple[int, float]]:
+        """(tasks done at the window's end, highest RSS sampled in it), window by window."""
+        peaks: dict[int, float] = {}
+        for done, rss in self.samples:
+            end = min(-(-max(done, 1) // self.window) * self.window, self.tasks)
+            peaks[end] = max(peaks.get(end, 0.0), rss)
+        return sorted(peaks.items())
 
 
 def high_water_mib(pid: int) -> float:
@@ -62,7 +92,8 @@ def high_water_mib(pid: int) -> float:
     return 0.0
 
 
-async def measure_memory(uri: str, tasks: int, concurrency: int) -> MemoryRun:
+async def measure_memory(uri: str, tasks: int, concurrency: int, budget: float) -> MemoryRun:
+    """Feed ``tasks`` no-op tasks to a worker, sampling its RSS; stop early after ``budget`` seconds."""
     database = f"bench_mem_{uuid.uuid4().hex[:8]}"
     client = client_for(uri)
     await init_beanie(database=client[database], document_models=[BenchJob])
@@ -73,34 +104,40 @@ async def measure_memory(uri: str, tasks: int, concurrency: int) -> MemoryRun:
     process = psutil.Process(worker.pid)
     samples: list[tuple[int, float]] = []
     peak = 0.0
+    most_queued = 0
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
         assert worker.stdout is not None
         await asyncio.wait_for(worker.stdout.readline(), 60)
-        pushed = finished = 0
-        next_sample = 0
         collection = BenchJob.collection()
-        while finished < tasks:
-            waiting = await collection.count_documents({"state": State.CREATED.value})
-            if waiting < LOW_WATER and pushed < tasks:
-                chunk = min(REFILL, tasks - pushed)
-                await BenchJob.insert_many([BenchJob(run_at=utcnow(), max_attempts=1) for _ in range(chunk)])
-                pushed += chunk
-            finished += (await collection.delete_many({"state": State.FINISHED.value})).deleted_count
+        pushed = finished = 0
+        progressed = loop.time()
+        while finished < tasks and loop.time() - started < budget:
+            # Pushed and not yet deleted = waiting or running: top it up a wave at a time.
+            if pushed - finished < concurrency + WAVE and pushed < tasks:
+                wave = min(WAVE, tasks - pushed)
+                await BenchJob.insert_many([BenchJob(run_at=utcnow(), max_attempts=1) for _ in range(wave)])
+                pushed += wave
+            most_queued = max(most_queued, pushed - finished)
+            deleted = (await collection.delete_many({"state": State.FINISHED.value})).deleted_count
+            finished += deleted
+            if deleted:
+                progressed = loop.time()
+            elif loop.time() - progressed > STALL_SECONDS:
+                raise RuntimeError(f"the worker finished nothing for {STALL_SECONDS:g} s ({finished} of {tasks} done)")
             rss = process.memory_info().rss / 2**20
             peak = max(peak, rss, high_water_mib(worker.pid))
-            if finished >= next_sample:
-                samples.append((finished, rss))
-                next_sample = finished + max(tasks // 20, 1)
+            samples.append((finished, rss))
             if worker.returncode is not None:
                 raise RuntimeError(f"the worker exited with code {worker.returncode}")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(SAMPLE_EVERY)
         samples.append((finished, process.memory_info().rss / 2**20))
+        peak = max(peak, high_water_mib(worker.pid))
     finally:
         if worker.returncode is None:
             worker.terminate()
         await asyncio.wait_for(worker.wait(), 30)
         await client.drop_database(database)
         await close_client(client)
-    return MemoryRun(tasks, concurrency, loop.time() - started, samples, peak)
+    return MemoryRun(finished, tasks, concurrency, loop.time() - started, samples, peak, most_queued)

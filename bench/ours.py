@@ -20,7 +20,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnD
 from beanie_tasks import State, Task
 from beanie_tasks.batch import claim_batch, finish_batch
 from beanie_tasks.driver import client_for, close_client
-from beanie_tasks.task import CLAIM_SORT, utcnow
+from beanie_tasks.task import CLAIM_INDEX, CLAIM_SORT, utcnow
 from beanie_tasks.testing import CommandCounter
 
 
@@ -377,16 +377,26 @@ async def scaling(uri: str, queued: int, claims: int) -> dict[str, Any]:
             "update": {"$set": {"state": "RUNNING"}},
         }
         chosen = plan_summary(await db.command("explain", command, verbosity="executionStats"))
-        hinted = plan_summary(await db.command("explain", command | {"hint": "bt_claim"}, verbosity="executionStats"))
+        hinted = plan_summary(await db.command("explain", command | {"hint": CLAIM_INDEX}, verbosity="executionStats"))
         op = OpCount()
         millis: list[float] = []
+        sent_hints: set[str] = set()
         for _ in range(claims):
             started = time.perf_counter()
             task = await counted(counter, op, BenchJob.pop())
             millis.append((time.perf_counter() - started) * 1000)
             if task is None:
                 raise RuntimeError("queue drained during the scaling run")
-    return {"queued": queued, "commands": op.per_task, "millis": millis, "planner": chosen, "hinted": hinted}
+            sent_hints.add(str(counter.last.get("findAndModify", {}).get("hint")))
+    return {
+        "queued": queued,
+        "commands": op.per_task,
+        "millis": millis,
+        "planner": chosen,
+        "hinted": hinted,
+        # What pop() itself put in its findAndModify: the plan it runs is the hinted one.
+        "claim_hint": ", ".join(sorted(sent_hints)),
+    }
 
 
 async def server_description(uri: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pymongo
 
 import beanie_tasks
 from beanie_tasks.task import Task
+from bench.memory import SAMPLE_EVERY, WAVE
 from bench.stats import Latency, Spread
 
 if TYPE_CHECKING:
@@ -174,39 +175,47 @@ def scaling_section(results: Results) -> str:
             [
                 f"{row['queued']:,}",
                 number(row["commands"]),
+                f"`{row.get('claim_hint', '?')}`",
                 millis.show(1),
-                f"`{planner['plan']}`",
-                planner["keys_examined"],
-                planner["docs_examined"],
                 f"`{hinted['plan']}`",
                 "yes" if hinted["sort_stage"] else "no",
                 hinted["keys_examined"],
+                hinted["docs_examined"],
+                f"`{planner['plan']}`",
+                f"{planner['keys_examined']} / {planner['docs_examined']}",
             ]
         )
     return (
         "## 5. Scaling: claim cost against queue size\n\n"
-        f"N tasks queued, then {results.sizes.scaling_claims} claims (`pop()`), each timed and counted; the claim's "
-        "`findAndModify` is explained with `executionStats`, once as the server's planner chooses and once with "
-        "`hint: bt_claim`. **Commands per claim do not depend on the server. Milliseconds, the chosen plan and the "
-        "keys/docs examined do**: the bundled SecantusDB picks a collection scan plus an in-memory sort "
-        "and, even when hinted, walks the whole index (it does not stop after the first key), so its claim time grows "
-        "linearly with the queue. On MongoDB the claim plan is `LIMIT <- FETCH <- IXSCAN(bt_claim)` with no SORT "
-        "stage, and keys examined ≈ 1 whatever the queue size; run with `MONGODB_URI` set to see it.\n\n"
+        f"N tasks queued, then {results.sizes.scaling_claims} claims (`pop()`), each timed and counted. `pop()` sends "
+        '`hint: bt_claim` with every claim (the column "hint sent" is read from the `findAndModify` it sent), so the '
+        "plan it runs is the hinted one on every server. That claim is explained with `executionStats`, with the hint "
+        "and, for comparison, without it (what the server's planner would pick by itself). **Commands per claim, the "
+        "index used and the absence of a SORT stage do not depend on the server. Milliseconds and keys/docs examined "
+        "do**: the bundled SecantusDB, even hinted, walks the whole index range (it does not stop after the first "
+        "key), so its claim time grows linearly with the queue. On MongoDB the hinted claim is "
+        "`LIMIT <- FETCH <- IXSCAN(bt_claim)`, with no SORT stage, and keys examined ≈ 1 whatever the queue size; run "
+        "with `MONGODB_URI` set to see it.\n\n"
         + table(
             [
                 "queued",
                 "commands/claim",
+                "hint sent",
                 "ms/claim",
-                "planner's plan",
+                "claim's plan (hinted)",
+                "SORT stage",
                 "keys examined",
                 "docs examined",
-                "plan with hint",
-                "SORT stage",
-                "keys examined (hint)",
+                "planner's choice without the hint",
+                "keys / docs examined without the hint",
             ],
             rows,
         )
     )
+
+
+# Flat: RSS fitted to grow by less than this per 1,000 tasks (16 bytes a task; RSS moves in 4 KiB pages).
+FLAT_KIB_PER_1000 = 16.0
 
 
 def memory_section(results: Results) -> str:
@@ -217,35 +226,67 @@ def memory_section(results: Results) -> str:
         [
             f"{run.tasks:,}",
             run.concurrency,
+            run.most_queued,
             f"{run.warm_mib:.1f}",
             f"{run.final_mib:.1f}",
             f"{run.peak_mib:.1f}",
-            f"{run.growth_kib_per_1000:+.0f}",
+            f"{run.growth_kib_per_1000:+.1f}",
+            f"{(run.final_mib - run.warm_mib) * 1024:+.0f}",
             f"{run.seconds:.0f}",
+            f"{run.tasks / run.seconds:.0f}" if run.seconds else "-",
         ]
     ]
-    trace = ", ".join(f"{done:,}: {rss:.1f}" for done, rss in run.samples[:: max(len(run.samples) // 8, 1)])
+    peaks = ", ".join(f"{end:,}: {rss:.2f}" for end, rss in run.window_peaks())
+    flat = abs(run.growth_kib_per_1000) < FLAT_KIB_PER_1000
+    verdict = (
+        f"flat (fitted growth under {FLAT_KIB_PER_1000:g} KiB per 1,000 tasks)"
+        if flat
+        else f"GROWS by {run.growth_kib_per_1000:+.0f} KiB per 1,000 tasks"
+    )
+    if run.tasks < 5000:
+        verdict += " (a short run: one-off allocations after start-up weigh heavily in the slope)"
     return (
         "## 6. Memory: RSS of a consumer process\n\n"
         f"A separate process runs `beanie_tasks.Worker` with concurrency {run.concurrency} over a task whose `run()` "
-        "does nothing (`bench/memory_worker.py`). The harness keeps 16-48 tasks waiting, deletes finished ones so "
-        "the collection stays small (the bundled server scans it on every claim), and samples the worker's RSS with "
-        "psutil every 0.1 s; the peak is the kernel's `VmHWM`. Growth is measured from the first 10% of tasks (once "
-        "imports and connection pools have settled) to the end.\n\n"
+        "does nothing (`bench/memory_worker.py`), against a fresh bundled server of its own (the change-stream "
+        "history left by the earlier sections slows the shared one several-fold; with `MONGODB_URI` set, that "
+        f"server). The tasks are fed in waves: the harness pushes {WAVE} at a time "
+        f"whenever fewer than concurrency + {WAVE} are unfinished (so at most {run.concurrency + 2 * WAVE - 1} are "
+        f"ever in the collection, waiting or running), and deletes finished tasks every {SAMPLE_EVERY:g} s, so the "
+        "collection stays small (the bundled server scans it) and what grows is only the count of tasks the worker "
+        f"has run. The worker's RSS is sampled with psutil every {SAMPLE_EVERY:g} s; the peak is the kernel's `VmHWM`. "
+        "Growth is the least-squares slope of RSS "
+        "against tasks done, from the first 10% of tasks (once imports and connection pools have settled) to the end. "
+        "RSS moves in whole 4 KiB pages.\n\n"
         + table(
             [
                 "tasks",
                 "concurrency",
+                "most tasks in the collection",
                 "RSS after 10% (MiB)",
                 "final RSS (MiB)",
                 "peak RSS (MiB)",
-                "growth (KiB per 1,000 tasks)",
+                "growth, fitted (KiB per 1,000 tasks)",
+                "final - after 10% (KiB)",
                 "seconds",
+                "tasks/s",
             ],
             rows,
         )
-        + f"\n\nRSS (MiB) by tasks done: {trace}."
+        + (
+            f"\n\n**Cut short**: the time budget of {results.sizes.memory_budget_seconds:g} s ran out after "
+            f"{run.tasks:,} of the {run.planned:,} planned tasks (the machine was busy; "
+            "`python -m bench --only memory --memory-budget 3600` runs them all)."
+            if run.tasks < run.planned
+            else ""
+        )
+        + f"\n\nHighest RSS sampled in each window of {run.window:,} tasks (MiB, by tasks done at the window's "
+        f"end): {peaks}.\n\nVerdict: {verdict}."
     )
+
+
+def load(averages: Any) -> str:
+    return " / ".join(f"{value:.1f}" for value in averages) if averages else "not available"
 
 
 def systems_section(results: Results) -> str:
@@ -264,6 +305,7 @@ def systems_section(results: Results) -> str:
 
 def write_markdown(results: Results) -> str:
     server = results.server
+    sections = ", ".join(f"{name} {seconds:.0f}" for name, seconds in results.section_seconds.items()) or "-"
     parts = [
         "# Benchmark results\n\n"
         "Generated by `python -m bench` (`make bench`); do not edit by hand. Method and discussion: "
@@ -273,6 +315,9 @@ def write_markdown(results: Results) -> str:
         f"Python {results.machine.get('python')}\n"
         f"- server for **every table below**: {server.get('label')}, reports version {server.get('version')}"
         f"{', replica set ' + server['replica_set'] if server.get('replica_set') else ''}\n"
+        f"- load average (1, 5, 15 min) at the start: {load(results.machine.get('load_start'))}; "
+        f"at the end: {load(results.machine.get('load_end'))} (other work on the machine slows every rate)\n"
+        f"- seconds per section: {sections}\n"
         "- figures are medians with (min-max) over repetitions",
         systems_section(results),
         commands_section(results),

@@ -40,8 +40,10 @@ class Sizes:
     latency_samples: int = 20
     scaling_sizes: tuple[int, ...] = (100, 1_000, 10_000)
     scaling_claims: int = 3
-    # 10,000 tasks take ten minutes or more on the bundled server alone: see docs/performance.md.
-    memory_tasks: int = 1_000
+    # Fed to the worker in waves (bench/memory.py), so the collection stays small.
+    memory_tasks: int = 10_000
+    # Keeps `make bench` within its ~10 minutes on a loaded machine; a run cut short says so.
+    memory_budget_seconds: float = 360.0
     memory_concurrency: int = 16
 
     @classmethod
@@ -52,7 +54,8 @@ class Sizes:
             command_repeat=2,
             latency_samples=8,
             scaling_sizes=(100, 1_000),
-            memory_tasks=300,
+            memory_tasks=1_000,
+            memory_budget_seconds=120.0,
         )
 
 
@@ -72,6 +75,7 @@ class Results:
     scaling: list[dict[str, Any]] = field(default_factory=list)
     memory: Any = None
     errors: dict[str, str] = field(default_factory=dict)
+    section_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -98,18 +102,23 @@ def server(progress: Progress) -> Iterator[tuple[str, str]]:
 async def guarded(results: Results, name: str, progress: Progress, work: Callable[[], Awaitable[None]]) -> None:
     """Run one section; a failure is recorded in the report instead of ending the run."""
     progress.say(f"{name} ...")
+    started = time.monotonic()
     try:
         await work()
     except Exception as exc:
         results.errors[name] = f"{type(exc).__name__}: {exc}"
         progress.say(f"{name} FAILED: {exc}")
         traceback.print_exc()
+    finally:
+        results.section_seconds[name] = time.monotonic() - started
 
 
 async def run(args: argparse.Namespace) -> Results:
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.memory_tasks is not None:
         sizes = dataclasses.replace(sizes, memory_tasks=args.memory_tasks)
+    if args.memory_budget is not None:
+        sizes = dataclasses.replace(sizes, memory_budget_seconds=args.memory_budget)
     results = Results(mode="quick" if args.quick else "full", sizes=sizes)
     progress = Progress()
     wanted = set(args.only or SECTIONS)
@@ -118,6 +127,7 @@ async def run(args: argparse.Namespace) -> Results:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_start": load_average(),
     }
     peer_python = None
     if not args.no_peers:
@@ -201,7 +211,15 @@ async def run(args: argparse.Namespace) -> Results:
                 progress.say(f"scaling at {queued} queued tasks done")
 
         async def memory() -> None:
-            results.memory = await measure_memory(uri, sizes.memory_tasks, sizes.memory_concurrency)
+            # A fresh bundled server: the change-stream history the earlier sections left behind slows the
+            # bundled one several-fold for a worker that watches it. MONGODB_URI is used as it is.
+            with contextlib.ExitStack() as stack:
+                own_uri = uri
+                if label != "MONGODB_URI":
+                    own_uri = stack.enter_context(EmbeddedServer()).uri
+                results.memory = await measure_memory(
+                    own_uri, sizes.memory_tasks, sizes.memory_concurrency, sizes.memory_budget_seconds
+                )
 
         work = {
             "commands": commands,
@@ -215,7 +233,16 @@ async def run(args: argparse.Namespace) -> Results:
             if name in wanted:
                 await guarded(results, name, progress, work[name])
     results.seconds = time.monotonic() - progress.started
+    results.machine["load_end"] = load_average()
     return results
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews every rate)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the peer queues (no extra virtualenv)")
     parser.add_argument("--peers-python", help="use this interpreter for the peers instead of .venv/bench-peers")
     parser.add_argument(
-        "--memory-tasks", type=int, help="tasks the memory run works through (default 1,000; 300 quick)"
+        "--memory-tasks", type=int, help="tasks the memory run works through (default 10,000; 1,000 quick)"
+    )
+    parser.add_argument(
+        "--memory-budget", type=float, help="seconds after which the memory run stops early (default 360; 120 quick)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md and latest.png go")
     args = parser.parse_args(argv)

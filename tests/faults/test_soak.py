@@ -1,12 +1,15 @@
 """Soak: 4 worker processes x 8 coroutines on 1,000 tasks with random failures, retries and dependencies.
 
 The 1,000 tasks are fed in waves: the test pushes the next wave only while at most
-``WINDOW`` tasks are in flight (CREATED, parked or RUNNING), so the queue stays small
-while the total is 1,000. SecantusDB has no index-backed sort, so each claim sorts the
-whole ready queue; with all 1,000 queued at once claims would crawl, with waves they
-stay fast on every backend. Children link a parent of their own wave or the one
-before, so some wait parked for a running parent and some are pushed after their
-parent already ended (finished or failed).
+``WINDOW`` tasks are in flight (CREATED, parked or RUNNING), and it moves ended tasks
+out of the queue as it goes (it keeps each one's final document for the accounting, then
+deletes it). SecantusDB has no index-backed sort: every claim scans and sorts the whole
+collection, finished tasks included, so with all 1,000 in it claims crawl. Small waves and
+a collection that holds only the live window keep claims fast on every backend. Children
+link a parent of their own wave or the one before, so some wait parked for a running
+parent and some are pushed after their parent already ended (finished or failed); a
+parent leaves the collection only once no later child can link it and all its children
+ended.
 
 The final accounting is exact: every task terminal; each ran once per attempt; a task
 that finished took exactly its recorded failures + 1 attempts (so it finished once, under
@@ -49,55 +52,96 @@ async def in_flight() -> int:
     return int(await SoakJob.find(IN_FLIGHT).count() + await SoakChild.find(IN_FLIGHT).count())
 
 
-async def ended() -> int:
-    return int(await SoakJob.find(ENDED).count() + await SoakChild.find(ENDED).count())
+class Soak:
+    """The tasks pushed so far, and the final documents of those moved out of the queue."""
 
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.parents: list[SoakJob] = []
+        self.children: list[SoakChild] = []
+        self.children_of: dict[Any, list[Any]] = {}
+        self.final_parents: dict[Any, SoakJob] = {}
+        self.final_children: dict[Any, SoakChild] = {}
 
-async def feed_in_waves(rng: random.Random, parents: list[SoakJob], children: list[SoakChild]) -> None:
-    """Push ``WAVES`` waves, each once the window has room for it; the plan depends on the seed only."""
-    wave_size = WAVE_PARENTS + WAVE_CHILDREN
+    @property
+    def pushed(self) -> int:
+        return len(self.parents) + len(self.children)
 
-    async def room() -> bool | str:
-        flying = await in_flight()
-        return flying + wave_size <= WINDOW or f"{flying} in flight, {len(parents) + len(children)} pushed"
+    @property
+    def ended(self) -> int:
+        return len(self.final_parents) + len(self.final_children)
 
-    for _ in range(WAVES):
-        await wait_until(room, timeout=STALL, what="room in the window for the next wave", every=0.1)
-        for _ in range(WAVE_PARENTS):
-            fail_times = rng.choices([0, 1, 2, 3], weights=[70, 15, 10, 5])[0]
-            parents.append(await SoakJob(n=len(parents), fail_times=fail_times).push())
-        recent = parents[-2 * WAVE_PARENTS :]  # this wave (mostly in flight) and the one before (some ended)
-        for _ in range(WAVE_CHILDREN):
-            parent, fail_times = rng.choice(recent), rng.choice([0, 0, 0, 1])
-            children.append(await SoakChild(n=len(children), parent=parent, fail_times=fail_times).push())  # type: ignore[arg-type]
+    async def feed_in_waves(self) -> None:
+        """Push ``WAVES`` waves, each once the window has room for it; the plan depends on the seed only."""
+        wave_size = WAVE_PARENTS + WAVE_CHILDREN
+
+        async def room() -> bool | str:
+            await self.harvest(keep_parents_from=len(self.parents) - WAVE_PARENTS)
+            flying = await in_flight()
+            return flying + wave_size <= WINDOW or f"{flying} in flight, {self.pushed} pushed, {self.ended} ended"
+
+        for _ in range(WAVES):
+            await wait_until(room, timeout=STALL, what="room in the window for the next wave", every=0.2)
+            for _ in range(WAVE_PARENTS):
+                fail_times = self.rng.choices([0, 1, 2, 3], weights=[70, 15, 10, 5])[0]
+                parent = await SoakJob(n=len(self.parents), fail_times=fail_times).push()
+                self.parents.append(parent)
+                self.children_of[parent.id] = []
+            recent = self.parents[-2 * WAVE_PARENTS :]  # this wave (mostly in flight) and the one before (some ended)
+            for _ in range(WAVE_CHILDREN):
+                parent, fail_times = self.rng.choice(recent), self.rng.choice([0, 0, 0, 1])
+                child = await SoakChild(n=len(self.children), parent=parent, fail_times=fail_times).push()  # type: ignore[arg-type]
+                self.children.append(child)
+                self.children_of[parent.id].append(child.id)
+
+    async def harvest(self, *, keep_parents_from: int) -> None:
+        """Keep the final document of each ended task and delete it from the queue.
+
+        Parents from index ``keep_parents_from`` on stay (a child pushed later may link
+        them), and so does a parent while any of its children has not ended.
+        """
+        ended_children = [child async for child in SoakChild.find(ENDED)]
+        self.final_children.update((child.id, child) for child in ended_children)
+        await self._delete(SoakChild, [child.id for child in ended_children])
+        candidates = [
+            p.id
+            for p in self.parents[: max(keep_parents_from, 0)]
+            if p.id not in self.final_parents and all(c in self.final_children for c in self.children_of[p.id])
+        ]
+        if candidates:
+            ended_parents = [parent async for parent in SoakJob.find({"_id": {"$in": candidates}} | ENDED)]
+            self.final_parents.update((parent.id, parent) for parent in ended_parents)
+            await self._delete(SoakJob, [parent.id for parent in ended_parents])
+
+    @staticmethod
+    async def _delete(task_class: type[SoakJob] | type[SoakChild], ids: list[Any]) -> None:
+        """Delete exactly the documents read (a task that ended since the read stays for the next harvest)."""
+        if ids:
+            await task_class.collection().delete_many({"_id": {"$in": ids}})
 
 
 async def test_soak_exact_accounting(backend: Any, db: Any, consumers: Consumers) -> None:
-    rng = random.Random(20260523)
-    parents: list[SoakJob] = []
-    children: list[SoakChild] = []
+    soak = Soak(seed=20260523)
     for p in range(PROCESSES):
         consumers.start(backend.uri, db.name, "Soak", concurrency=CONCURRENCY, name=f"p{p}", max_seconds=550)
-    await feed_in_waves(rng, parents, children)
-    assert len(parents) + len(children) == TOTAL
+    await soak.feed_in_waves()
+    assert soak.pushed == TOTAL
 
-    async def all_terminal() -> bool | str:
-        done = await ended()
-        return done == TOTAL or f"{done} of {TOTAL} ended"
+    async def all_ended() -> bool | str:
+        await soak.harvest(keep_parents_from=len(soak.parents))
+        return soak.ended == TOTAL or f"{soak.ended} of {TOTAL} ended, {await in_flight()} in flight"
 
-    await wait_until(all_terminal, timeout=STALL, what=f"all {TOTAL} tasks to end", every=0.5)
+    await wait_until(all_ended, timeout=STALL, what=f"all {TOTAL} tasks to end", every=0.5)
     consumers.stop_all()
+    assert await SoakJob.find_all().count() == 0 and await SoakChild.find_all().count() == 0, "nothing stored twice"
 
     events = [e async for e in db[EXECUTIONS].find({}, {"task": 1, "event": 1, "token": 1})]
     starts = Counter(e["task"] for e in events if e["event"] == "start")
     failures = Counter(e["task"] for e in events if e["event"] == "failed")
     run_tokens = {(e["task"], e["token"]) for e in events if e["event"] == "start"}
     finished_parents: dict[Any, Any] = {}
-    stored_parents = {t.id: t async for t in SoakJob.find_all()}
-    stored_children = {t.id: t async for t in SoakChild.find_all()}
-    assert len(stored_parents) == len(parents) and len(stored_children) == len(children), "nothing stored twice"
-    for task in parents:
-        stored = stored_parents[task.id]
+    for task in soak.parents:
+        stored = soak.final_parents[task.id]
         assert starts[task.id] == stored.attempts, f"{task.id}: one run per attempt"
         assert failures[task.id] == min(task.fail_times, 3)
         if task.fail_times < 3:
@@ -106,8 +150,8 @@ async def test_soak_exact_accounting(backend: Any, db: Any, consumers: Consumers
             finished_parents[task.id] = stored.finished_at
         else:
             assert stored.state is State.FAILED and stored.attempts == 3
-    for child in children:
-        stored_child = stored_children[child.id]
+    for child in soak.children:
+        stored_child = soak.final_children[child.id]
         parent_id = child.parent.id  # type: ignore[attr-defined]
         assert starts[child.id] == stored_child.attempts
         if parent_id in finished_parents:

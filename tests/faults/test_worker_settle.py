@@ -23,6 +23,8 @@ from beanie_tasks.worker import Worker
 pytestmark = pytest.mark.wire
 
 WRITE_CONCERN_ERROR = {"code": 100, "errmsg": "write applied, acknowledgement failed"}
+# The server applies the write, then reports an error the driver labels retryable.
+APPLIED_REPLY_LOST = {"writeConcernError": WRITE_CONCERN_ERROR, "errorLabels": ["RetryableWriteError"]}
 LEASE = 60.0
 # Set by each test: what run() does just before it returns (arm the failpoint).
 BEFORE_SETTLE: list[Callable[[], Awaitable[None]]] = []
@@ -59,7 +61,7 @@ FAULTS = {
     # (retryWrites, failCommand data, times): enough failures that the driver's own retry cannot hide them
     "dropped-retryable-writes": (True, {"closeConnection": True}, 3),
     "dropped-no-retryable-writes": (False, {"closeConnection": True}, 2),
-    "applied-reply-lost": (False, {"writeConcernError": WRITE_CONCERN_ERROR, "errorLabels": ["RetryableWriteError"]}, 1),
+    "applied-reply-lost": (False, APPLIED_REPLY_LOST, 1),
 }
 
 
@@ -103,7 +105,7 @@ async def test_worker_retries_a_settle_lost_to_the_network(fault: str, outcome: 
     worker = await run_worker_until_settled(task, expected)
     stored = await SettleJob.get(task.id)
     assert stored is not None
-    assert RUNS == [task.id], "run() ran exactly once"
+    assert [task.id] == RUNS, "run() ran exactly once"
     assert stored.attempts == 1 and stored.lease_token is not None  # settled under the first (only) lease
     if outcome == "finish":
         assert stored.result == {"n": 1}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -19,6 +18,8 @@ import pytest
 from beanie_tasks import RateLimit, State, Task, Worker
 from beanie_tasks.limits import LIMITS_COLLECTION, Limiter
 from beanie_tasks.task import utcnow
+from beanie_tasks.testing import eventually as wait_until
+from beanie_tasks.testing import running
 
 
 class Gate:
@@ -62,32 +63,15 @@ class Unlimited(Task):
         return None
 
 
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> Any:
+    return await wait_until(probe, timeout)
+
+
 @pytest.fixture(autouse=True)
 async def models(init_tasks: Any) -> None:
     Gate.events = []
     Gate.gate = asyncio.Event()
     await init_tasks(PerKey, Throttled, KeyThrottled)
-
-
-@contextlib.asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
-    stop = asyncio.Event()
-    job = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(job, 20)
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        value = await probe()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 async def all_finished(task_class: type[Task], count: int) -> bool:

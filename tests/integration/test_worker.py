@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -14,6 +12,7 @@ import pytest
 
 from beanie_tasks import Backoff, State, Task, Worker
 from beanie_tasks.task import utcnow
+from beanie_tasks.testing import eventually, running
 
 FAST_RETRY = Backoff(base=0.05, factor=2.0, maximum=0.2, jitter=0.0)
 
@@ -155,27 +154,6 @@ MODELS = [Add, SyncHash, Flaky, Slow, Blocker, Capped, Alpha, Beta, Stolen, NoHa
 async def models(init_tasks: Any) -> None:
     Journal.reset()
     await init_tasks(*MODELS)
-
-
-@contextlib.asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
-    stop = asyncio.Event()
-    job = asyncio.create_task(worker.run(stop))
-    try:
-        yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(job, 20)
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        value = await probe()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 async def ended(task_class: type[Task], task_id: Any) -> Task | None:

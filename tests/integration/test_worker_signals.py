@@ -14,6 +14,7 @@ import pytest
 from beanie import init_beanie
 
 from beanie_tasks import State, Task
+from beanie_tasks.testing import eventually as wait_until
 
 pytestmark = pytest.mark.wire
 
@@ -57,6 +58,10 @@ class Sleeper(Task):
         max_attempts = 2
 
 
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
+    return await wait_until(probe, timeout)
+
+
 @pytest.fixture
 async def models(db: Any) -> None:
     await init_beanie(database=db, document_models=[Sleeper])
@@ -77,16 +82,6 @@ def start_worker(backend: Any, db: Any) -> Iterator[Callable[[float], subprocess
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        value = await probe()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 async def exit_code(process: subprocess.Popen[bytes], timeout: float) -> int:
