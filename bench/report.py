@@ -248,9 +248,9 @@ def memory_section(results: Results) -> str:
     return (
         "## 6. Memory: RSS of a consumer process\n\n"
         f"A separate process runs `beanie_tasks.Worker` with concurrency {run.concurrency} over a task whose `run()` "
-        "does nothing (`bench/memory_worker.py`), against a fresh bundled server of its own (the change-stream "
-        "history left by the earlier sections slows the shared one several-fold; with `MONGODB_URI` set, that "
-        f"server). The tasks are fed in waves: the harness pushes {WAVE} at a time "
+        "does nothing (`bench/memory_worker.py`), against a fresh bundled server of its own (the history the "
+        "earlier sections leave behind slows the shared one for a worker watching a change stream; with "
+        f"`MONGODB_URI` set, that server). The tasks are fed in waves: the harness pushes {WAVE} at a time "
         f"whenever fewer than concurrency + {WAVE} are unfinished (so at most {run.concurrency + 2 * WAVE - 1} are "
         f"ever in the collection, waiting or running), and deletes finished tasks every {SAMPLE_EVERY:g} s, so the "
         "collection stays small (the bundled server scans it) and what grows is only the count of tasks the worker "

@@ -211,8 +211,8 @@ async def run(args: argparse.Namespace) -> Results:
                 progress.say(f"scaling at {queued} queued tasks done")
 
         async def memory() -> None:
-            # A fresh bundled server: the change-stream history the earlier sections left behind slows the
-            # bundled one several-fold for a worker that watches it. MONGODB_URI is used as it is.
+            # A fresh bundled server: the history the earlier sections leave behind slows the shared one for a
+            # worker watching a change stream (about half the rate in our runs). MONGODB_URI is used as it is.
             with contextlib.ExitStack() as stack:
                 own_uri = uri
                 if label != "MONGODB_URI":
