@@ -152,13 +152,8 @@ async def _finish_same_class(task_class: type[Task], pairs: list[tuple[T, Any]],
             async for row in cursor
             if row.get("state") == State.FINISHED.value and row.get("lease_token") == tokens[row["_id"]]
         }
-    if finished_ids and dependencies.ends_a_link_target(task_class, {"$set": terminal}):
-        # Tasks other tasks may wait on: tell their dependents, as Task.finish() does (one find).
-        cursor = collection.find(
-            {"_id": {"$in": list(finished_ids)}, "dependents_pending": True}, dependencies.ENDED_PROJECTION
-        )
-        for document in [row async for row in cursor]:
-            await dependencies.after_terminal(task_class, document, terminal)
+    # Tell the dependents of those that have any, as Task.finish() does (one find, only for link targets).
+    await dependencies.after_terminal_many(task_class, finished_ids)
     for task, result in pairs:
         if task.id in finished_ids:
             task._adopt(terminal | {"result": result})
