@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m beanie_tasks.demo", file=sys.stderr)
         return 2
     started = time.monotonic()
-    console = Console()
+    # Piped output (CI logs, `make demo | tee`) gets room for the whole summary table.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     ok = asyncio.run(demo(console))
     console.print(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     return 0 if ok else 1
