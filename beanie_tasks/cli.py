@@ -39,10 +39,11 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from beanie_tasks import driver
+from beanie_tasks import clock, driver, store
 from beanie_tasks.discovery import DiscoveryError, discover, find_class
+from beanie_tasks.errors import TaskError
 from beanie_tasks.redact import scrub, secrets_in
-from beanie_tasks.schedule import CURSOR_COLLECTION, Schedule, ScheduleError, schedule_key, scheduled_classes
+from beanie_tasks.schedule import Schedule, ScheduleError, schedule_key, scheduled_classes
 from beanie_tasks.states import IN_FLIGHT_STATES, State
 from beanie_tasks.task import Task, as_utc, utcnow
 
@@ -93,7 +94,7 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise
     except typer.Abort:  # a question went unanswered (no terminal, end of input)
         fail("aborted; nothing was changed")
-    except (CliError, DiscoveryError, ScheduleError) as exc:
+    except (CliError, DiscoveryError, ScheduleError, TaskError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         err.print("interrupted", style="yellow")
@@ -250,6 +251,14 @@ def worker(
     schedules: Annotated[
         bool, typer.Option("--schedules/--no-schedules", help="Also schedule the periodic classes.")
     ] = True,
+    partition: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--partition",
+            show_default=False,
+            help="Claim only tasks whose partition_by field has this value (repeatable; values are strings).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     uri: UriOption = None,
     database: DatabaseOption = None,
@@ -274,16 +283,23 @@ def worker(
             if schedules:
                 scheduled_classes(runnable)  # a periodic class that cannot build its task fails here, once
             _log_to_stderr(level)
-            runner = Worker(
-                runnable,
-                concurrency=concurrency,
-                consumer_id=consumer_id,
-                grace_period=grace_period,
-                schedules=schedules,
-            )
+            try:
+                runner = Worker(
+                    runnable,
+                    concurrency=concurrency,
+                    consumer_id=consumer_id,
+                    grace_period=grace_period,
+                    schedules=schedules,
+                    partitions=partition or None,
+                )
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
             runner.install_signal_handlers()
             names = ", ".join(cls.__name__ for cls in runnable)
-            err.print(f"worker {runner.consumer_id}: {names} on {connection.database} (concurrency {concurrency})")
+            pinned = f", partitions {', '.join(partition)}" if partition else ""
+            err.print(
+                f"worker {runner.consumer_id}: {names} on {connection.database} (concurrency {concurrency}{pinned})"
+            )
             await runner.run()
         finally:
             await driver.close_client(client)
@@ -318,10 +334,7 @@ def age(seconds: float) -> str:
 
 
 async def oldest_ready(task_class: type[Task], now: datetime) -> datetime | None:
-    row = await task_class.collection().find_one(
-        {"state": State.CREATED.value, "run_at": {"$lte": now}}, {"run_at": 1}, sort=[("run_at", 1)]
-    )
-    return as_utc(row["run_at"]) if row is not None and isinstance(row.get("run_at"), datetime) else None
+    return await task_class.task_store().oldest_ready(now)
 
 
 @app.command()
@@ -337,7 +350,7 @@ def status(
 
     async def collect(classes: list[type[Task]]) -> list[dict[str, Any]]:
         rows = []
-        now = utcnow()
+        now = clock.now(classes[0].collection()) if classes else utcnow()
         for cls in classes:
             counts = await cls.counts()
             oldest = await oldest_ready(cls, now)
@@ -346,7 +359,7 @@ def status(
             row["oldest_ready_seconds"] = round((now - oldest).total_seconds(), 3) if oldest else None
             schedule = Schedule.of(cls)
             if schedule is not None:
-                cursor = await cls.collection().database[CURSOR_COLLECTION].find_one({"_id": schedule_key(cls)})
+                cursor = await store.schedule_cursor(cls.collection(), schedule_key(cls))
                 last = cursor.get("last_slot") if cursor else None
                 row["schedule"] = schedule.describe()
                 row["last_slot"] = as_utc(last).isoformat() if isinstance(last, datetime) else None
@@ -396,7 +409,7 @@ async def find_task(classes: Sequence[type[Task]], task_id: ObjectId) -> tuple[t
         if collection.name in seen:
             continue
         seen.add(collection.name)
-        document = await collection.find_one({"_id": task_id})
+        document = await store.read_task(collection, task_id)
         if document is not None:
             return cls, document
     names = ", ".join(sorted(seen))
@@ -462,7 +475,7 @@ def cancel(
             task = cls.model_construct(id=wanted)
         if await task.cancel():
             return cls.__name__, ""
-        current = await cls.collection().find_one({"_id": wanted}, {"state": 1})
+        current = await store.read_task(cls.collection(), wanted)
         return cls.__name__, str((current or document).get("state"))
 
     name, ended = run(lambda: with_classes(module, connection, act))

@@ -1,14 +1,20 @@
-"""Everything that differs between Beanie 2 (PyMongo async) and Beanie 1 (Motor), and nothing else."""
+"""Everything that differs between Beanie 2 (PyMongo async), Beanie 1 (Motor) and the in-process mock.
+
+Core code never asks which backend it runs on: it calls the helpers here, which look
+up the backend's ``Traits`` once per collection type.
+"""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import beanie
 import bson
 from beanie import Document
-from pymongo import UpdateOne
+from pymongo import ReadPreference, UpdateOne
 from pymongo.errors import DocumentTooLarge, OperationFailure, PyMongoError
 
 from beanie_tasks.redact import scrub, secrets_in
@@ -68,25 +74,94 @@ async def open_change_stream(collection: Any, pipeline: list[dict[str, Any]]) ->
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class Traits:
+    """What one backend can do; mongomock differs from a server in each of these."""
+
+    in_process: bool  # mongomock: no server, no planner, no clock of its own
+    enforces_size: bool  # refuses documents over 16 MB
+    takes_hints: bool
+    partial_indexes: bool
+    removes_in_pipeline: bool  # "$$REMOVE" in a pipeline update drops an existing field
+    sorted_bulk_updates: bool  # accepts PyMongo >= 4.11's UpdateOne (which passes ``sort``)
+    read_preferences: bool  # ``with_options(read_preference=...)`` returns a usable async collection
+
+
+_known_traits: dict[type, Traits] = {}
+
+
+def _traits_of(collection_type: type) -> Traits:
+    mock = any(klass.__module__.startswith("mongomock") for klass in collection_type.__mro__)
+    return Traits(
+        in_process=mock,
+        enforces_size=not mock,
+        takes_hints=not mock,
+        partial_indexes=not mock,
+        removes_in_pipeline=not mock,
+        sorted_bulk_updates=not mock,
+        read_preferences=not mock,
+    )
+
+
+def traits(collection: Any) -> Traits:
+    """The backend's traits, worked out once per collection type."""
+    kind = type(collection)
+    known = _known_traits.get(kind)
+    if known is None:
+        known = _known_traits[kind] = _traits_of(kind)
+    return known
+
+
+_primaries: dict[int, tuple[Any, Any]] = {}
+
+
+def primary(collection: Any) -> Any:
+    """``collection`` with reads pinned to the primary, whatever the app's default read preference.
+
+    The queue's bookkeeping reads (a dependency's state, a batch's read-back) must see
+    its own writes; a secondary may lag. Built once per collection object.
+    """
+    if not traits(collection).read_preferences:
+        return collection
+    known = _primaries.get(id(collection))
+    if known is not None and known[0] is collection:
+        return known[1]
+    pinned = collection.with_options(read_preference=ReadPreference.PRIMARY)
+    _primaries[id(collection)] = (collection, pinned)
+    return pinned
+
+
+async def server_time(collection: Any) -> datetime | None:
+    """The server's wall clock (``hello``'s ``localTime``), or None where there is no server clock."""
+    if traits(collection).in_process:
+        return None
+    reply = await collection.database.command("hello")
+    value = reply.get("localTime")
+    return value if isinstance(value, datetime) else None
+
+
 def check_document_size(collection: Any, document: dict[str, Any]) -> None:
     """mongomock stores documents of any size: enforce MongoDB's 16 MB limit as a server would."""
-    if is_mock(collection) and len(bson.encode(document)) > MAX_DOCUMENT_BYTES:
+    if not traits(collection).enforces_size and len(bson.encode(document)) > MAX_DOCUMENT_BYTES:
         raise DocumentTooLarge(f"BSON document too large; MongoDB allows up to {MAX_DOCUMENT_BYTES} bytes")
 
 
-def is_mock(collection: Any) -> bool:
-    return any(cls.__module__.startswith("mongomock") for cls in type(collection).__mro__)
-
-
 def only_present(field: str, collection: Any) -> dict[str, Any]:
-    """Index options that skip documents lacking ``field``.
+    """Index options that skip documents lacking ``field`` (a string).
 
     A partial index is right on MongoDB; mongomock ignores partial filters, so it gets
     the equivalent sparse index (the field is only ever absent, never null).
     """
-    if is_mock(collection):
+    if not traits(collection).partial_indexes:
         return {"sparse": True}
     return {"partialFilterExpression": {field: {"$type": "string"}}}
+
+
+def only_flagged(field: str, collection: Any) -> dict[str, Any]:
+    """Index options that keep only documents where ``field`` is true (sparse on mongomock)."""
+    if not traits(collection).partial_indexes:
+        return {"sparse": True}
+    return {"partialFilterExpression": {field: True}}
 
 
 async def aggregate(collection: Any, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,7 +177,7 @@ async def bulk_update(collection: Any, updates: list[tuple[dict[str, Any], dict[
     mongomock cannot take the ``UpdateOne`` of PyMongo >= 4.11 (it passes ``sort``), so
     there the updates run one by one.
     """
-    if is_mock(collection):
+    if not traits(collection).sorted_bulk_updates:
         matched = 0
         for selector, update in updates:
             matched += (await collection.update_one(selector, update)).matched_count
@@ -113,6 +188,12 @@ async def bulk_update(collection: Any, updates: list[tuple[dict[str, Any], dict[
 
 def index_hint(collection: Any, index_name: str) -> dict[str, Any]:
     """A ``hint`` option pinning a query to one index; mongomock has no planner and takes none."""
-    if is_mock(collection):
+    if not traits(collection).takes_hints:
         return {}
     return {"hint": index_name}
+
+
+async def remove_fields_after_pipeline(collection: Any, selector: dict[str, Any], fields: list[str]) -> None:
+    """mongomock treats ``"$$REMOVE"`` as a no-op on an existing field: drop those fields by hand there."""
+    if not traits(collection).removes_in_pipeline:
+        await collection.update_many(selector, {"$unset": dict.fromkeys(fields, "")})

@@ -39,3 +39,7 @@ class TaskFailed(TaskError):
     def __init__(self, message: str, task: object) -> None:
         super().__init__(message)
         self.task = task
+
+
+class NotRegistered(TaskError):
+    """A task class was used before ``init_beanie`` registered it in this process, or registered badly."""

@@ -123,6 +123,8 @@ class TaskOptions:
     rate_limit: RateLimit | str | tuple[int, float] | None = None
     key_rate_limit: RateLimit | str | tuple[int, float] | None = None
     key_concurrency: int | None = None
+    # Sharding (store.py): the field that leads the claim and dedupe indexes, usable as a shard key.
+    partition_by: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("visibility_timeout", "poll_interval", "recovery_interval"):
@@ -137,6 +139,8 @@ class TaskOptions:
             raise TypeError("TaskSettings.backoff must be a beanie_tasks.Backoff")
         if self.heartbeat_interval is not None and self.heartbeat_interval >= self.visibility_timeout:
             raise ValueError("TaskSettings.heartbeat_interval must be shorter than visibility_timeout")
+        if self.partition_by is not None and (not isinstance(self.partition_by, str) or not self.partition_by):
+            raise TypeError(f"TaskSettings.partition_by must name a field, got {self.partition_by!r}")
         _check_schedule(self)
         _check_limits(self)
 

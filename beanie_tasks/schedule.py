@@ -27,19 +27,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from beanie import PydanticObjectId
 from croniter import croniter
-from pymongo.errors import DuplicateKeyError
 
-from beanie_tasks import driver
+from beanie_tasks import clock, driver, store
+from beanie_tasks.clock import as_utc
 from beanie_tasks.redact import redact_text
-from beanie_tasks.task import Task, as_utc, describe_error, utcnow
+from beanie_tasks.task import Task, describe_error
 
 log = logging.getLogger("beanie_tasks.schedule")
 
-CURSOR_COLLECTION = "beanie_tasks_schedules"
+CURSOR_COLLECTION = store.SCHEDULES_COLLECTION
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ONE_MS = timedelta(milliseconds=1)
 # run_schedules sleeps until the next slot, but never longer than this (so a clock jump or
@@ -121,7 +120,7 @@ def scheduled_classes(task_classes: Sequence[type[Task]]) -> list[type[Task]]:
     """The periodic classes among ``task_classes``, each checked by building one task (fails early)."""
     found = [cls for cls in task_classes if Schedule.of(cls) is not None]
     for cls in found:
-        build_task(cls, utcnow())
+        build_task(cls, clock.utcnow())
     return found
 
 
@@ -130,26 +129,19 @@ def _describe(task_class: type[Task]) -> str:
     return schedule.describe() if schedule is not None else "not periodic"
 
 
-def _cursors(task_class: type[Task]) -> Any:
-    return driver.collection_of(task_class).database[CURSOR_COLLECTION]
-
-
 async def tick_class(task_class: type[Task], now: datetime | None = None) -> int:
     """Schedule ``task_class``'s most recent due slot if no scheduler has; returns 1 if this call did, else 0."""
     schedule = Schedule.of(task_class)
     if schedule is None:
         return 0
-    now = as_utc(now) if now is not None else utcnow()
+    collection = driver.collection_of(task_class)
+    now = as_utc(now) if now is not None else clock.now(collection)
     slot = schedule.latest(now)
     key = schedule_key(task_class)
-    cursors = _cursors(task_class)
-    cursor = await cursors.find_one({"_id": key})
+    cursor = await store.schedule_cursor(collection, key)
     if cursor is None:
         # First sighting: the series starts with the slot after this one.
-        with contextlib.suppress(DuplicateKeyError):
-            await cursors.insert_one(
-                {"_id": key, "last_slot": slot, "schedule": schedule.describe(), "updated_at": now}
-            )
+        if await store.start_schedule(collection, key, slot, schedule.describe(), now):
             log.info(
                 "%s: periodic schedule (%s) starts after %s", task_class.__name__, schedule.describe(), slot.isoformat()
             )
@@ -159,13 +151,8 @@ async def tick_class(task_class: type[Task], now: datetime | None = None) -> int
         return 0
     task = build_task(task_class, slot)
     wanted = slot_id(task_class, slot)
-    task._push_id = wanted
-    stored = await task.push(run_at=slot)
-    advanced = await cursors.update_one(
-        {"_id": key, "last_slot": last},
-        {"$set": {"last_slot": slot, "schedule": schedule.describe(), "updated_at": now}},
-    )
-    if not advanced.modified_count:
+    stored = await task.push(run_at=slot, task_id=wanted)
+    if not await store.advance_schedule(collection, key, last, slot, schedule.describe(), now):
         return 0  # another scheduler completed this slot first
     if stored.id != wanted:
         log.info(
@@ -213,7 +200,7 @@ async def run_schedules(task_classes: Sequence[type[Task]], stop: asyncio.Event)
                 failed = True
                 log.warning("scheduler: %s: %s", cls.__name__, redact_text(describe_error(exc) or ""))
         failures = failures + 1 if failed else 0
-        pause = seconds_until_next_slot(periodic, utcnow())
+        pause = seconds_until_next_slot(periodic, clock.now(driver.collection_of(periodic[0])))
         if failures:
             pause = min(pause, min(LONGEST_BACKOFF, 0.5 * 2 ** (failures - 1)))
         with contextlib.suppress(asyncio.TimeoutError):

@@ -1,4 +1,8 @@
-"""The Task document: its fields, and every state transition as one atomic MongoDB command."""
+"""The Task document: its fields, their validation, and thin public methods over the store.
+
+Every command the queue sends lives in ``store``; this module turns stored documents
+into typed tasks and back, and decides which transition each call means.
+"""
 
 from __future__ import annotations
 
@@ -8,57 +12,40 @@ import copy
 import logging
 import os
 import socket
-import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextvars import ContextVar
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from beanie import Document, PydanticObjectId
 from beanie.odm.fields import ExpressionField
 from beanie.odm.utils.dump import get_dict
 from beanie.odm.utils.encoder import Encoder
-from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, field_validator
-from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 from pymongo.errors import ConnectionFailure, DocumentTooLarge, DuplicateKeyError, PyMongoError, WriteError
 from typing_extensions import Self
 
-from beanie_tasks import dependencies, driver
+from beanie_tasks import admin, clock, dependencies, driver
+from beanie_tasks import store as storage
+from beanie_tasks.clock import FAR_FUTURE, UtcDatetime, as_utc, utcnow
 from beanie_tasks.errors import LeaseLost, PushError, TaskCancelled, TaskFailed, TransitionError, WaitTimeout
 from beanie_tasks.options import TaskOptions
 from beanie_tasks.redact import redact_text
-from beanie_tasks.states import IN_FLIGHT_STATES, PRIORITY_RANGE, TERMINAL_STATES, Priority, State
+from beanie_tasks.states import PRIORITY_RANGE, TERMINAL_STATES, Priority, State
+from beanie_tasks.store import Store
 from beanie_tasks.wakeup import Wakeup
 
 log = logging.getLogger("beanie_tasks")
 
-# A task that may not be claimed yet (it waits for dependencies) is parked here, so the
-# claim filter never needs a second condition and stays served by one index.
-FAR_FUTURE = datetime(9999, 12, 31, tzinfo=timezone.utc)
-CLAIM_INDEX = "bt_claim"
-CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
+__all__ = ["FAR_FUTURE", "Outage", "Task", "as_utc", "claim", "default_consumer_id", "describe_error", "utcnow"]
+
 MAX_QUARANTINES_PER_POP = 100
 # The server's code for a document over the 16 MB limit that the driver let through.
 BSON_OBJECT_TOO_LARGE = 10334
 # queue() looks for documents no claim can match once every this many recovery rounds.
 SWEEP_EVERY_RECOVERIES = 10
-
-
-def utcnow() -> datetime:
-    """Now, in UTC, truncated to the millisecond BSON stores."""
-    now = datetime.now(timezone.utc)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def as_utc(value: datetime) -> datetime:
-    """BSON dates are UTC; a client without ``tz_aware`` hands them back naive."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATES)
 
 # Set while stored data is validated (``model_validate``, which Beanie's reads use too):
 # pydantic runs a custom ``__init__`` then as well, and a naive date there is a BSON date
@@ -138,6 +125,15 @@ def restore_field_defaults(cls: type[BaseModel]) -> None:
         cls.model_rebuild(force=True)
 
 
+def refuse_whole_document_write(task_class: type, method: str) -> NoReturn:
+    """Beanie's whole-document writes would bypass the lease guard and the dedupe slot."""
+    raise TransitionError(
+        f"{task_class.__name__}.{method}() is refused: a whole-document write would bypass the lease guard and "
+        "the dedupe slot; use push() to store a task, and finish(), fail(), release(), cancel() or "
+        "set_progress() to change one"
+    )
+
+
 class Task(Document):
     """Base class of every queued task; subclass it with your own typed fields.
 
@@ -196,6 +192,9 @@ class Task(Document):
         restore_field_defaults(cls)
         declared = cls.__dict__.get("TaskSettings")
         cls.task_options = TaskOptions.resolve(declared, cls.task_options)
+        partition = cls.task_options.partition_by
+        if partition is not None and partition not in cls.model_fields:
+            raise TypeError(f"{cls.__name__}: TaskSettings.partition_by names {partition!r}, which is not a field")
         dependencies.declared_links(cls)  # checks the link declarations at import
 
     @field_validator("priority", mode="after")
@@ -203,26 +202,96 @@ class Task(Document):
     def _plain_int_priority(cls, value: int) -> int:
         return int(value)
 
+    @property
+    def partition_value(self) -> Any:
+        """This task's value of its class's ``partition_by`` field (None for a class without one)."""
+        field_name = type(self).task_options.partition_by
+        return getattr(self, field_name, None) if field_name is not None else None
+
+    @property
+    def is_settled(self) -> bool:
+        """Whether this object already recorded its outcome (finish, fail or release)."""
+        return self._settled
+
     # ------------------------------------------------------------------ setup
 
     @classmethod
     async def custom_init(cls) -> None:
-        """Called by ``init_beanie``: creates the indexes the queue relies on."""
-        await ensure_indexes(cls)
+        """Called by ``init_beanie``: registers the class, creates its indexes, measures the server's clock."""
+        collection = driver.collection_of(cls)
+        inherits = bool(getattr(cls, "_inheritance_inited", False))
+        task_store = Store(
+            cls.__name__,
+            collection,
+            cls.task_options,
+            class_field=cls.get_settings().class_id if inherits else None,
+            class_ids=(lambda: [str(cls._class_id), *cls._children]) if inherits else None,
+            partition_field=cls.task_options.partition_by,
+        )
+        storage.register(cls, task_store, shares_by_inheritance=inherits)
+        await task_store.ensure_indexes()
+        await clock.sync(collection)
+
+    @classmethod
+    def task_store(cls) -> Store:
+        """The store that sends this class's commands; raises ``NotRegistered`` before ``init_beanie``."""
+        return storage.of(cls)
 
     @classmethod
     def collection(cls) -> Any:
         return driver.collection_of(cls)
 
+    # ------------------------------------------------------ refused writes
+
+    async def save(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        self._refuse("save")
+
+    async def replace(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        self._refuse("replace")
+
+    async def save_changes(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        self._refuse("save_changes")
+
+    async def insert(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        self._refuse("insert")
+
+    async def create(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        self._refuse("create")
+
+    @classmethod
+    async def insert_one(cls, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        refuse_whole_document_write(cls, "insert_one")
+
+    @classmethod
+    async def insert_many(cls, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        refuse_whole_document_write(cls, "insert_many")
+
+    @classmethod
+    async def replace_many(cls, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override,unused-ignore]
+        refuse_whole_document_write(cls, "replace_many")
+
+    def _refuse(self, method: str) -> NoReturn:
+        refuse_whole_document_write(type(self), method)
+
     # --------------------------------------------------------------- producing
 
-    async def push(self, *, delay: float | timedelta | None = None, run_at: datetime | None = None) -> Self:
-        """Validate and insert this task; returns it, or the in-flight task with the same ``dedupe_key``."""
+    async def push(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        task_id: PydanticObjectId | None = None,
+    ) -> Self:
+        """Validate and insert this task; returns it, or the in-flight task with the same ``dedupe_key``.
+
+        ``task_id`` chooses the id (a periodic schedule derives it from the slot).
+        """
         if self.id is not None:
             raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
         if delay is not None and run_at is not None:
             raise ValueError("pass either delay or run_at, not both")
-        now = utcnow()
+        task_store = type(self).task_store()
+        now = task_store.now()
         if run_at is not None:
             due = require_aware("run_at", run_at)
         elif delay is not None:
@@ -234,37 +303,43 @@ class Task(Document):
         checked.state = State.CREATED
         checked.run_at = due
         checked.max_attempts = self.max_attempts or type(self).task_options.max_attempts
-        checked.id = self._push_id = self._push_id or PydanticObjectId()
-        dependencies.require_pushed_links(checked)
+        checked.id = self._push_id = task_id or self._push_id or PydanticObjectId()
+        links = dependencies.declared_links(type(self))
+        dependencies.require_pushed_links(type(self).__name__, links, fields)
         document = get_dict(checked, to_db=True, keep_nulls=True)
+        partition = task_store.partition_field
+        if partition is not None and document.get(partition) in (None, ""):
+            raise PushError(f"{type(self).__name__}.{partition} must be set: it is the class's partition_by field")
         if checked.dedupe_key is not None:
             document["dedupe_slot"] = checked.dedupe_key
-        links = await dependencies.prepare_push(checked, document)
-        stored = await type(self)._insert(document)
+        plan = await dependencies.prepare_push(task_store, type(self).__name__, links, document)
+        stored = await type(self)._insert(task_store, document)
         if stored is not None:
             return stored
-        if links is not None:
-            await links.register(checked)
-        for name in ("id", "state", "run_at", "max_attempts", "error"):
+        for name in ("id", "max_attempts"):
             setattr(self, name, getattr(checked, name))
+        self._adopt({k: document[k] for k in ("state", "run_at", "error") if k in document})
+        if plan is not None and await plan.register(checked.id):
+            current = await task_store.find_by_id(checked.id, {"state": 1, "run_at": 1, "error": 1})
+            if current is not None:
+                self._adopt(current)
         return self
 
     @classmethod
-    async def _insert(cls, document: dict[str, Any]) -> Self | None:
+    async def _insert(cls, task_store: Store, document: dict[str, Any]) -> Self | None:
         """Insert; on a dedupe clash return the in-flight twin instead (None means inserted)."""
-        collection = cls.collection()
         key = document.get("dedupe_slot")
+        partition = document.get(task_store.partition_field) if task_store.partition_field else None
         for _ in range(5):
             try:
-                driver.check_document_size(collection, document)
-                await collection.insert_one(document)
+                await task_store.insert(document)
                 return None
             except DuplicateKeyError as exc:
                 if key is None or "dedupe_slot" not in str(exc.details or exc):
-                    if await collection.find_one({"_id": document["_id"]}, {"_id": 1}) is not None:
+                    if await task_store.find_by_id(document["_id"], {"_id": 1}) is not None:
                         return None  # an ambiguous retry already stored it
                     raise
-                twin = await collection.find_one({"dedupe_slot": key})
+                twin = await task_store.find_dedupe_twin(key, partition)
                 if twin is not None:
                     return cls.model_validate(twin)  # type: ignore[no-any-return,unused-ignore]
                 # The twin ended between the clash and the read: the key is free again.
@@ -286,122 +361,28 @@ class Task(Document):
 
     @classmethod
     def claim_filter(cls, now: datetime) -> dict[str, Any]:
-        return {"state": State.CREATED.value, "run_at": {"$lte": now}}
+        """The filter of a claim of this class at ``now`` (for reading; claims go through ``pop``)."""
+        return cls.task_store().claim_filter(now)
 
     @classmethod
     async def pop(
         cls,
         *,
         consumer_id: str | None = None,
-        exclude: dict[str, Any] | None = None,
         lease_token: str | None = None,
+        partition: Any = None,
+        ignore_limits: bool = False,
     ) -> Self | None:
         """Claim the next ready task (RUNNING, leased to this consumer), or return None.
 
-        ``exclude`` adds conditions to the claim, narrowing it (the worker's limiter pins
-        the claim to the task it reserved limits for); ``lease_token`` chooses the new
-        lease's token (the limiter reserves slots under it before claiming).
+        ``partition`` keeps the claim to one value of the class's ``partition_by`` field;
+        ``lease_token`` chooses the new lease's token; ``ignore_limits=True`` claims past
+        the class's rate and concurrency limits, on purpose.
         """
-        collection = cls.collection()
-        for _ in range(MAX_QUARANTINES_PER_POP):
-            now = utcnow()
-            document = await collection.find_one_and_update(
-                cls.claim_filter(now) | (exclude or {}),
-                {
-                    "$set": {
-                        "state": State.RUNNING.value,
-                        "consumer_id": consumer_id or default_consumer_id(),
-                        "lease_token": lease_token or uuid.uuid4().hex,
-                        "lease_expires_at": now + cls.task_options.lease,
-                        "started_at": now,
-                    },
-                    "$inc": {"attempts": 1},
-                },
-                sort=CLAIM_SORT,
-                return_document=ReturnDocument.AFTER,
-                # Pin the plan to the claim index; a claim pinned to one _id is better served by _id.
-                **(driver.index_hint(collection, CLAIM_INDEX) if not exclude else {}),
-            )
-            if document is None:
-                return None
-            foreign = cls._foreign_class(document)
-            if foreign is not None:
-                await cls._set_aside(document, foreign)
-                continue
-            try:
-                return cls.model_validate(document)  # type: ignore[no-any-return,unused-ignore]
-            except ValidationError as exc:
-                await cls._quarantine(document, exc)
-        return None
-
-    @classmethod
-    def _foreign_class(cls, document: dict[str, Any]) -> str | None:
-        """Why ``document`` names a class other than this one (None when it does not).
-
-        Only classes registered in this process run; a class named by the database is
-        never looked up or imported.
-        """
-        field = cls.get_settings().class_id
-        named = document.get(field)
-        if named is None:
-            return None
-        own = getattr(cls, "_class_id", None)
-        if own is not None and (named == own or (isinstance(named, str) and named.startswith(f"{own}."))):
-            return None
-        return f"document names class {str(named)[:100]!r} in {field}, not {cls.__name__}; it was not run"
-
-    @classmethod
-    async def _quarantine(cls, document: dict[str, Any], exc: ValidationError) -> None:
-        """Set a malformed document aside as FAILED so it cannot block the queue."""
-        reason = f"malformed {cls.__name__} document: {exc.error_count()} validation error(s): " + "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        found = await claim(
+            cls, 1, consumer_id=consumer_id, lease_token=lease_token, partition=partition, ignore_limits=ignore_limits
         )
-        await cls._set_aside(document, reason)
-
-    @classmethod
-    async def _set_aside(cls, document: dict[str, Any], reason: str, guard: dict[str, Any] | None = None) -> bool:
-        """Mark one document FAILED with ``reason`` (guarded so a concurrent change wins)."""
-        log.error("%s %s set aside: %s", cls.__name__, document.get("_id"), reason)
-        now = utcnow()
-        result = await cls.collection().update_one(
-            guard or {"_id": document["_id"], "lease_token": document.get("lease_token")},
-            {"$set": cls._terminal_fields(State.FAILED, now) | {"error": reason}, "$unset": {"dedupe_slot": ""}},
-        )
-        if result.modified_count:
-            await dependencies.after_terminal_by_id(cls, document["_id"])
-        return bool(result.modified_count)
-
-    @classmethod
-    async def set_aside_unclaimable(cls, *, limit: int = MAX_QUARANTINES_PER_POP) -> int:
-        """Mark FAILED, with the reason, documents that no claim or recovery would ever pick up.
-
-        An unknown or missing state, a CREATED task whose ``run_at`` is missing or not a
-        date, a RUNNING task without a ``lease_expires_at`` date: left alone, each would
-        sit in the collection forever. ``queue()`` runs this every few recovery rounds;
-        returns how many documents were set aside.
-        """
-        checks: list[tuple[dict[str, Any], str, str]] = [
-            ({"state": {"$nin": [s.value for s in State]}}, "state", "is not a known state"),
-            (
-                {"state": State.CREATED.value, "run_at": {"$not": {"$type": "date"}}},
-                "run_at",
-                "is missing or not a date",
-            ),
-            (
-                {"state": State.RUNNING.value, "lease_expires_at": {"$not": {"$type": "date"}}},
-                "lease_expires_at",
-                "is missing or not a date on a RUNNING task",
-            ),
-        ]
-        collection = cls.collection()
-        count = 0
-        for condition, field, problem in checks:
-            rows = [row async for row in collection.find(condition, {field: 1}).limit(limit)]
-            for row in rows:
-                value = repr(row.get(field, "<missing>"))[:100]
-                reason = f"malformed {cls.__name__} document: {field} {value} {problem}; it can never be claimed"
-                count += await cls._set_aside(row, reason, guard={"_id": row["_id"], **condition})
-        return count
+        return found[0] if found else None
 
     @classmethod
     async def queue(
@@ -410,6 +391,7 @@ class Task(Document):
         stop: asyncio.Event | None = None,
         consumer_id: str | None = None,
         use_change_stream: bool = True,
+        partition: Any = None,
     ) -> AsyncIterator[Self]:
         """Yield claimed tasks forever; stop with ``break`` or by setting ``stop``.
 
@@ -417,6 +399,7 @@ class Task(Document):
         ``recovery_interval`` it recovers tasks whose leases expired.
         """
         options = cls.task_options
+        task_store = cls.task_store()
         wakeup = Wakeup(
             cls.collection(),
             max_poll=options.poll_interval,
@@ -437,9 +420,10 @@ class Task(Document):
                             await cls.set_aside_unclaimable()
                             next_sweep = loop.time() + SWEEP_EVERY_RECOVERIES * options.recovery_interval
                         if loop.time() >= next_recovery:
+                            await clock.refresh(task_store.raw)
                             await cls.recover_expired()
                             next_recovery = loop.time() + options.recovery_interval
-                        task = await cls.pop(consumer_id=consumer_id)
+                        task = await cls.pop(consumer_id=consumer_id, partition=partition)
                     except ConnectionFailure as exc:
                         # The server is down or unreachable: keep trying, never give up the loop.
                         await outage.wait(exc, stop)
@@ -456,14 +440,15 @@ class Task(Document):
 
     # ------------------------------------------------------------ transitions
 
-    def _guard(self) -> dict[str, Any]:
-        """The filter that makes a write apply only while this object's view is current."""
-        if self.lease_token is not None:
-            return {"_id": self.id, "state": State.RUNNING.value, "lease_token": self.lease_token}
-        return {"_id": self.id, "state": State.CREATED.value, "lease_token": None}
+    def _adopt(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            if name in type(self).model_fields:
+                setattr(self, name, State(value) if name == "state" else value)
 
-    async def _apply(self, update: dict[str, Any], action: str, *, done: dict[str, Any] | None = None) -> None:
-        """Write ``update`` under the lease guard.
+    async def _apply(
+        self, update: dict[str, Any], action: str, *, done: dict[str, Any] | None = None, guard_token: str | None = None
+    ) -> None:
+        """Write ``update`` under the lease guard; tell dependents when it ended the task.
 
         ``done`` fingerprints the document this very transition leaves behind: when the
         guard matches nothing because an earlier attempt of the same call was applied
@@ -471,32 +456,31 @@ class Task(Document):
         """
         if self.id is None:
             raise TransitionError(f"cannot {action} a {type(self).__name__} that was never pushed")
-        # A transition that ends a task other tasks may depend on returns its dependents (same one command).
-        ended = dependencies.ends_a_link_target(type(self), update)
-        if ended:
-            document = await self.collection().find_one_and_update(
-                self._guard(), update, projection=dependencies.ENDED_PROJECTION, return_document=ReturnDocument.AFTER
-            )
-            matched = document is not None
+        task_store = type(self).task_store()
+        guard = task_store.lease_guard(self.id, self.lease_token, self.partition_value)
+        fields = update.get("$set", {})
+        ends = fields.get("state") in TERMINAL_VALUES
+        returned: dict[str, Any] | None
+        if ends:
+            returned = await task_store.end(guard, update)
+            matched = returned is not None
         else:
-            result = await self.collection().update_one(self._guard(), update)
-            matched, document = result.matched_count > 0, None
+            returned, matched = None, await task_store.update_guarded(guard, update)
         if not matched:
-            error = await self._why_not(action, done)
-            if error is None:
-                log.info("%s %s: %s had already been applied (retried write)", type(self).__name__, self.id, action)
-                if ended:
-                    await dependencies.after_terminal_by_id(type(self), self.id)
-                return
-            if isinstance(error, LeaseLost) and not isinstance(error, TaskCancelled):
-                log.warning("%s", error)
-            raise error
-        if document is not None:
-            await dependencies.after_terminal(type(self), document, update["$set"])
+            error = await self._why_not(task_store, action, done)
+            if error is not None:
+                if isinstance(error, LeaseLost) and not isinstance(error, TaskCancelled):
+                    log.warning("%s", error)
+                raise error
+            log.info("%s %s: %s had already been applied (retried write)", type(self).__name__, self.id, action)
+            if ends:
+                returned = await task_store.find_by_id(self.id, storage.ENDED_PROJECTION)
+        if ends:
+            await dependencies.after_terminal(task_store, self.id, fields["state"], fields.get("error"), returned)
 
-    async def _why_not(self, action: str, done: dict[str, Any] | None = None) -> TransitionError | None:
+    async def _why_not(self, task_store: Store, action: str, done: dict[str, Any] | None) -> TransitionError | None:
         wanted = {"state": 1, "lease_token": 1, "consumer_id": 1} | dict.fromkeys(done or {}, 1)
-        current = await self.collection().find_one({"_id": self.id}, wanted)
+        current = await task_store.find_by_id(self.id, wanted)
         name = f"{type(self).__name__} {self.id}"
         if current is None:
             return TransitionError(f"cannot {action} {name}: it no longer exists")
@@ -512,29 +496,22 @@ class Task(Document):
             f"(the task is now {state}, held by {current.get('consumer_id') or 'nobody'})"
         )
 
-    @classmethod
-    def _terminal_fields(cls, state: State, now: datetime) -> dict[str, Any]:
-        ttl = cls.task_options.ttl
-        return {
-            "state": state.value,
-            "finished_at": now,
-            "expires_at": now + timedelta(seconds=ttl) if ttl is not None else None,
-            "lease_expires_at": None,
-        }
-
-    def _adopt(self, values: dict[str, Any]) -> None:
-        for name, value in values.items():
-            if name in type(self).model_fields:
-                setattr(self, name, State(value) if name == "state" else value)
+    async def _leave_running(self, token: str | None) -> None:
+        """The task left RUNNING under ``token``: give back its concurrency slot (where its class caps keys)."""
+        with contextlib.suppress(PyMongoError):
+            await type(self).task_store().release_slot_of(self.concurrency_key, token)
 
     async def finish(self, result: Any = None) -> None:
         """Mark the task FINISHED and store ``result``; raises LeaseLost if the lease was lost."""
-        now = utcnow()
-        fields = self._terminal_fields(State.FINISHED, now) | {"result": Encoder(to_db=True).encode(result)}
+        task_store = type(self).task_store()
+        fields = task_store.terminal_fields(State.FINISHED, task_store.now()) | {
+            "result": Encoder(to_db=True).encode(result)
+        }
         mine = {"state": State.FINISHED.value, "lease_token": self.lease_token}
         await self._apply({"$set": fields, "$unset": {"dedupe_slot": ""}}, "finish", done=mine)
         self._adopt(fields | {"result": result})
         self._settled = True
+        await self._leave_running(self.lease_token)
 
     async def fail(
         self,
@@ -547,49 +524,64 @@ class Task(Document):
 
         ``retry=False`` dead-letters the task at once; ``retry_in`` overrides the backoff delay.
         """
-        now = utcnow()
-        claimed = self.lease_token is not None
+        task_store = type(self).task_store()
+        now = task_store.now()
+        token = self.lease_token
+        claimed = token is not None
         failures = self.attempts if claimed else self.attempts + 1
         limit = self.max_attempts or type(self).task_options.max_attempts
         message = describe_error(error)
-        update: dict[str, Any]
         if retry and failures < limit:
             wait = as_delay(retry_in) if retry_in is not None else type(self).task_options.backoff.delay(failures)
-            fields = {
+            fields: dict[str, Any] = {
                 "state": State.CREATED.value,
-                "run_at": now + wait,
                 "error": message,
                 "lease_token": None,
                 "lease_expires_at": None,
             }
-            update = {"$set": fields}
+            if not claimed:
+                await self._retry_unclaimed(task_store, fields, now + wait)
+                self._adopt(fields | {"attempts": failures})
+                self._settled = True
+                return
+            fields["run_at"] = now + wait
+            update: dict[str, Any] = {"$set": fields}
             # Recovery would leave a different error, a new claim a different state or attempts.
             mine = {"state": State.CREATED.value, "lease_token": None, "attempts": self.attempts, "error": message}
         else:
-            fields = self._terminal_fields(State.FAILED, now) | {"error": message}
+            fields = task_store.terminal_fields(State.FAILED, now) | {"error": message}
             update = {"$set": fields, "$unset": {"dedupe_slot": ""}}
             mine = {"state": State.FAILED.value, "lease_token": self.lease_token, "error": message}
-        if not claimed:
-            update["$inc"] = {"attempts": 1}
+            if not claimed:
+                update["$inc"] = {"attempts": 1}
         await self._apply(update, "fail", done=mine)
         self._adopt(fields | {"attempts": failures})
         self._settled = True
+        await self._leave_running(token)
+
+    async def _retry_unclaimed(self, task_store: Store, fields: dict[str, Any], run_at: datetime) -> None:
+        """A failed attempt of a task nobody claimed; a parked dependent stays parked until its links end."""
+        if self.id is None:
+            raise TransitionError(f"cannot fail a {type(self).__name__} that was never pushed")
+        if not await task_store.retry_unclaimed(self.id, fields, run_at, self.partition_value):
+            error = await self._why_not(task_store, "fail", None)
+            raise error or TransitionError(f"cannot fail {type(self).__name__} {self.id}")
+        if self.run_at != FAR_FUTURE:
+            self.run_at = run_at
 
     async def cancel(self) -> bool:
         """Cancel a CREATED or RUNNING task; a running worker sees it at its next heartbeat.
 
         Returns False when the task had already ended.
         """
-        now = utcnow()
-        fields = self._terminal_fields(State.CANCELLED, now)
-        result = await self.collection().update_one(
-            {"_id": self.id, "state": {"$in": [s.value for s in IN_FLIGHT_STATES]}},
-            {"$set": fields, "$unset": {"dedupe_slot": ""}},
-        )
-        if result.matched_count:
-            self._adopt(fields)
-            await dependencies.after_terminal_by_id(type(self), self.id)
-        return bool(result.matched_count)
+        task_store = type(self).task_store()
+        now = task_store.now()
+        returned = await task_store.cancel(self.id, now, self.partition_value)
+        if returned is None:
+            return False
+        self._adopt(task_store.terminal_fields(State.CANCELLED, now))
+        await dependencies.after_terminal(task_store, self.id, State.CANCELLED.value, None, returned)
+        return True
 
     async def heartbeat(self) -> None:
         """Extend this consumer's lease by the class's visibility timeout."""
@@ -604,7 +596,8 @@ class Task(Document):
     async def _extend(self, extra: dict[str, Any]) -> None:
         if self.lease_token is None:
             raise TransitionError(f"{type(self).__name__} {self.id} is not leased by this consumer")
-        fields = {"lease_expires_at": utcnow() + type(self).task_options.lease} | extra
+        task_store = type(self).task_store()
+        fields = {"lease_expires_at": task_store.now() + type(self).task_options.lease} | extra
         await self._apply({"$set": fields}, "extend the lease of")
         self._adopt(fields)
 
@@ -612,9 +605,11 @@ class Task(Document):
         """Give the task back unrun (for example at shutdown) without spending an attempt."""
         if self.lease_token is None:
             raise TransitionError(f"{type(self).__name__} {self.id} is not leased by this consumer")
+        token = self.lease_token
+        task_store = type(self).task_store()
         fields = {
             "state": State.CREATED.value,
-            "run_at": utcnow() + (as_delay(delay) if delay is not None else timedelta(0)),
+            "run_at": task_store.now() + (as_delay(delay) if delay is not None else timedelta(0)),
             "lease_token": None,
             "lease_expires_at": None,
         }
@@ -622,6 +617,38 @@ class Task(Document):
         await self._apply({"$set": fields, "$inc": {"attempts": -1}}, "release", done=mine)
         self._adopt(fields | {"attempts": self.attempts - 1})
         self._settled = True
+        await self._leave_running(token)
+
+    @classmethod
+    async def finish_many(cls, pairs: Sequence[tuple[Self, Any]]) -> list[Self]:
+        """Finish many leased tasks of this class with one ``bulk_write``; returns those finished.
+
+        Each update is guarded by the task's lease, as ``finish()`` is; those whose lease
+        was lost (or that were cancelled) are left untouched and not returned.
+        """
+        task_store = cls.task_store()
+        now = task_store.now()
+        encoder = Encoder(to_db=True)
+        terminal = task_store.terminal_fields(State.FINISHED, now)
+        updates = [
+            (
+                task_store.lease_guard(task.id, task.lease_token, task.partition_value),
+                {"$set": terminal | {"result": encoder.encode(result)}, "$unset": {"dedupe_slot": ""}},
+            )
+            for task, result in pairs
+        ]
+        tokens = {task.id: task.lease_token for task, _ in pairs}
+        finished_ids, pending = await task_store.finish_many(updates, tokens)
+        for row in pending:
+            await dependencies.after_terminal(task_store, row["_id"], State.FINISHED.value, None, row)
+        done = []
+        for task, result in pairs:
+            if task.id in finished_ids:
+                task._adopt(terminal | {"result": result})
+                task._settled = True
+                await task._leave_running(task.lease_token)
+                done.append(task)
+        return done
 
     # ------------------------------------------------------- context manager
 
@@ -668,10 +695,10 @@ class Task(Document):
         wakeup = Wakeup(collection, pipeline=[{"$match": {"documentKey._id": self.id}}], max_poll=poll_interval)
         async with wakeup:
             while True:
-                document = await collection.find_one({"_id": self.id})
+                document = await storage.read_task(collection, self.id)
                 if document is None:
                     raise TransitionError(f"cannot wait for {name}: it no longer exists")
-                if document.get("state") in {s.value for s in TERMINAL_STATES}:
+                if document.get("state") in TERMINAL_VALUES:
                     ended = type(self).model_validate(document)
                     if ended.state is State.FINISHED:
                         return ended  # type: ignore[no-any-return,unused-ignore]
@@ -690,122 +717,112 @@ class Task(Document):
     async def recover_expired(cls) -> int:
         """Return tasks whose lease expired to CREATED, or to FAILED when no attempts remain.
 
-        One ``update_many``; returns how many tasks were recovered.
+        One ``update_many``; returns how many tasks were recovered. Then tells the
+        dependents of this class's tasks whose finisher died before telling them.
         """
-        now = utcnow()
-        exhausted = {"$gte": ["$attempts", {"$ifNull": ["$max_attempts", cls.task_options.max_attempts]}]}
-        ttl = cls.task_options.ttl
-        expires = now + timedelta(seconds=ttl) if ttl is not None else None
-        reason = "lease expired while running (worker died or stalled); no attempts left"
-        collection = cls.collection()
-        result = await collection.update_many(
-            {"state": State.RUNNING.value, "lease_expires_at": {"$lt": now}},
-            [
-                {
-                    "$set": {
-                        "state": {"$cond": [exhausted, State.FAILED.value, State.CREATED.value]},
-                        "error": {"$cond": [exhausted, reason, "lease expired while running; retrying"]},
-                        "finished_at": {"$cond": [exhausted, now, None]},
-                        "expires_at": {"$cond": [exhausted, expires, None]},
-                        "dedupe_slot": {"$cond": [exhausted, "$$REMOVE", "$dedupe_slot"]},
-                        "run_at": now,
-                        "lease_token": None,
-                        "lease_expires_at": None,
-                    }
-                }
-            ],
-        )
-        if result.modified_count:
-            log.warning("%s: recovered %d task(s) with expired leases", cls.__name__, result.modified_count)
-            if driver.is_mock(collection):
-                # mongomock treats "$$REMOVE" as a no-op on an existing field: free the slots here.
-                await collection.update_many(
-                    {"state": State.FAILED.value, "dedupe_slot": {"$exists": True}}, {"$unset": {"dedupe_slot": ""}}
-                )
-        # Tell dependents of tasks that ended above or whose finisher died; no command for classes outside the graph.
-        await dependencies.sweep(cls)
-        return int(result.modified_count)
+        task_store = cls.task_store()
+        recovered = await task_store.recover_expired()
+        if recovered:
+            log.warning("%s: recovered %d task(s) with expired leases", cls.__name__, recovered)
+        await dependencies.sweep(task_store, has_links=bool(dependencies.declared_links(cls)))
+        return recovered
 
     # --------------------------------------------------------------- admin
 
     @classmethod
     async def counts(cls) -> dict[State, int]:
-        """How many tasks are in each state (every state present, zero included)."""
-        rows = await driver.aggregate(cls.collection(), [{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
-        counts = dict.fromkeys(State, 0)
-        for row in rows:
-            if row["_id"] in State._value2member_map_:
-                counts[State(row["_id"])] = int(row["n"])
-        return counts
+        """How many tasks of this class (and its subclasses) are in each state, zero included."""
+        return await admin.counts(cls.task_store())
 
     @classmethod
     async def requeue_failed(cls) -> int:
-        """Give FAILED tasks a fresh set of attempts; returns how many were requeued.
-
-        A task whose ``dedupe_key`` is already taken by a newer in-flight task stays FAILED.
-        """
-        collection = cls.collection()
-        fields = {
-            "state": State.CREATED.value,
-            "attempts": 0,
-            "run_at": utcnow(),
-            "finished_at": None,
-            "expires_at": None,
-            "lease_token": None,  # a fresh, unclaimed task: the last holder's token no longer applies
-        }
-        # A task failed because a dependency failed stays FAILED: requeued, it would run without its links.
-        failed = {"state": State.FAILED.value, "dep_failed": None}
-        result = await collection.update_many(failed | {"dedupe_key": None}, {"$set": fields})
-        requeued = int(result.modified_count)
-        async for row in collection.find(failed | {"dedupe_key": {"$ne": None}}, {"dedupe_key": 1}):
-            try:
-                outcome = await collection.update_one(
-                    {"_id": row["_id"], "state": State.FAILED.value},
-                    {"$set": fields | {"dedupe_slot": row["dedupe_key"]}},
-                )
-                requeued += outcome.modified_count
-            except DuplicateKeyError:
-                log.info(
-                    "%s %s stays FAILED: dedupe_key %r is in flight again", cls.__name__, row["_id"], row["dedupe_key"]
-                )
-        return requeued
+        """Give FAILED tasks a fresh set of attempts; returns how many were requeued (see ``admin``)."""
+        return await admin.requeue_failed(cls.task_store())
 
     @classmethod
     async def check_dependencies(cls) -> int:
         """Repair dependency bookkeeping now (deleted links, lost notifications); see ``dependencies.sweep``."""
-        return await dependencies.check_dependencies(cls)
+        return await admin.check_dependencies(cls.task_store())
 
     @classmethod
     async def purge(cls, states: Iterable[State | str], *, force: bool = False) -> int:
         """Delete tasks in the given states; in-flight states need ``force=True``."""
-        wanted = {State(s) for s in states}
-        if not wanted:
-            raise ValueError("purge needs at least one state")
-        live = wanted & IN_FLIGHT_STATES
-        if live and not force:
-            raise ValueError(f"refusing to purge in-flight states {sorted(s.value for s in live)} without force=True")
-        result = await cls.collection().delete_many({"state": {"$in": sorted(s.value for s in wanted)}})
-        return int(result.deleted_count)
+        return await admin.purge(cls.task_store(), states, force=force)
+
+    @classmethod
+    async def set_aside_unclaimable(cls, *, limit: int = MAX_QUARANTINES_PER_POP) -> int:
+        """Mark FAILED, with the reason, documents that no claim or recovery would ever pick up."""
+        return await admin.set_aside_unclaimable(cls.task_store(), limit=limit)
 
 
-async def ensure_indexes(task_class: type[Task]) -> None:
-    """Create the queue's indexes (idempotent); ``init_beanie`` calls this through ``custom_init``."""
-    collection = task_class.collection()
-    await collection.create_indexes(
-        [
-            # Equality (state), then sort (priority, run_at, _id), then range (run_at).
-            IndexModel(
-                [("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
-                name=CLAIM_INDEX,
-            ),
-            IndexModel([("state", ASCENDING), ("lease_expires_at", ASCENDING)], name="bt_lease"),
-            IndexModel(
-                [("dedupe_slot", ASCENDING)],
-                name="bt_dedupe",
-                unique=True,
-                **driver.only_present("dedupe_slot", collection),
-            ),
-            IndexModel([("expires_at", ASCENDING)], name="bt_expiry", expireAfterSeconds=0),
-        ]
+T = TypeVar("T", bound=Task)
+
+
+def foreign_reason(task_class: type[Task], document: dict[str, Any]) -> str | None:
+    """Why ``document`` names a class this one cannot run (None when it does not).
+
+    Only classes registered in this process run; a class named by the database is
+    never looked up or imported. A class that shares its collection through inheritance
+    only ever claims its own scope, so this only fires for a stray class field.
+    """
+    field = task_class.get_settings().class_id
+    named = document.get(field)
+    if named is None:
+        return None
+    own = getattr(task_class, "_class_id", None)
+    if own is not None and (named == own or named in getattr(task_class, "_children", {})):
+        return None
+    return f"document names class {str(named)[:100]!r} in {field}, not {task_class.__name__}; it was not run"
+
+
+def model_for(task_class: type[T], document: dict[str, Any]) -> type[T]:
+    """The registered class a claimed document belongs to: ``task_class`` or one of its subclasses."""
+    named = document.get(task_class.get_settings().class_id)
+    child = getattr(task_class, "_children", {}).get(named) if named is not None else None
+    if isinstance(child, type) and issubclass(child, task_class) and storage.is_registered(child):
+        return child
+    return task_class
+
+
+def quarantine_reason(task_class: type[Task], exc: ValidationError) -> str:
+    return f"malformed {task_class.__name__} document: {exc.error_count()} validation error(s): " + "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
     )
-    await dependencies.ensure_indexes(task_class)
+
+
+async def claim(
+    task_class: type[T],
+    count: int,
+    *,
+    consumer_id: str | None = None,
+    lease_token: str | None = None,
+    partition: Any = None,
+    ignore_limits: bool = False,
+) -> list[T]:
+    """Claim up to ``count`` tasks of ``task_class`` through the store's one claim, as typed tasks.
+
+    A claimed document that cannot be modelled (malformed, or naming a foreign class) is
+    set aside FAILED with its reason and the claim goes on, so it can never block the queue.
+    """
+    task_store = task_class.task_store()
+    consumer = consumer_id or default_consumer_id()
+    tasks: list[T] = []
+    for _ in range(MAX_QUARANTINES_PER_POP):
+        wanted = count - len(tasks)
+        documents = await task_store.claim(
+            consumer, count=wanted, partition=partition, lease_token=lease_token, ignore_limits=ignore_limits
+        )
+        if not documents:
+            break
+        for document in documents:
+            foreign = foreign_reason(task_class, document)
+            if foreign is not None:
+                await admin.set_aside(task_store, document, foreign)
+                continue
+            try:
+                tasks.append(model_for(task_class, document).model_validate(document))
+            except ValidationError as exc:
+                await admin.set_aside(task_store, document, quarantine_reason(task_class, exc))
+        if len(tasks) >= count or len(documents) < wanted:
+            break
+    return tasks

@@ -9,7 +9,7 @@ from typing import Any
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from beanie_tasks.driver import open_change_stream
+from beanie_tasks.driver import open_change_stream, primary
 
 log = logging.getLogger("beanie_tasks.wakeup")
 
@@ -59,7 +59,7 @@ class Wakeup:
         idle_timeout: float = 1.0,
         use_change_stream: bool = True,
     ) -> None:
-        self._collection = collection
+        self._collection = primary(collection)
         self._pipeline = pipeline if pipeline is not None else CLAIMABLE_CHANGES
         self._min_poll = min(min_poll, max_poll)
         self._max_poll = max_poll

@@ -23,14 +23,16 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from types import ModuleType
 from typing import Any
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from beanie_tasks import clock
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled
-from beanie_tasks.limits import Grant, Limiter
+from beanie_tasks.limits import SLOT_CLAIM_GRACE
 from beanie_tasks.redact import redact_text
 from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id
 from beanie_tasks.wakeup import Wakeup
@@ -52,7 +54,6 @@ class _Running:
     """One task this worker is executing, and why its run() was stopped early (if it was)."""
 
     task: Task
-    grant: Grant | None
     runner: asyncio.Future[Any] | None = None
     stopped_because: str | None = None  # "cancelled", "lease lost", "timeout", "shutdown"
 
@@ -93,6 +94,7 @@ class Worker:
         grace_period: float = 30.0,
         use_change_stream: bool = True,
         schedules: bool = True,
+        partitions: Sequence[Any] | None = None,
     ) -> None:
         classes = list(dict.fromkeys(_expand_modules(task_classes)))
         if not classes:
@@ -112,8 +114,19 @@ class Worker:
         self.grace_period = float(grace_period)
         self.use_change_stream = use_change_stream
         self.schedules = schedules
+        if partitions is not None and not list(partitions):
+            raise ValueError("partitions, when given, must name at least one partition")
+        self.partitions: list[Any] | None = list(partitions) if partitions is not None else None
+        for task_class in classes:
+            if self.partitions is not None and task_class.task_options.partition_by is None:
+                raise ValueError(
+                    f"{task_class.__name__} has no TaskSettings.partition_by, so it cannot be pinned to partitions"
+                )
         self.stats: Counter[str] = Counter()
-        self._limiters = {task_class: Limiter(task_class) for task_class in classes}
+        # What the claim loop goes round: every class, once per partition this worker is pinned to.
+        self._queues: list[tuple[type[Task], Any]] = [
+            (task_class, partition) for task_class in classes for partition in (self.partitions or [None])
+        ]
         self._running: dict[asyncio.Task[None], _Running] = {}
         self._next_class = 0
         self._stop_requested = False
@@ -187,13 +200,13 @@ class Worker:
         if self._signals_wanted:
             self._install_signals(loop)
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="beanie-tasks")
+        for task_class in self.task_classes:
+            task_class.task_store()  # NotRegistered, at once, for a class init_beanie never saw
         background: list[asyncio.Task[Any]] = []
         if stop is not None:
             background.append(asyncio.create_task(self._follow(stop)))
         wakeups = self._wakeups()
         try:
-            for limiter in self._limiters.values():
-                await limiter.setup()
             for wakeup in wakeups:
                 await wakeup.start()
             background.extend(self._start_schedules())
@@ -301,7 +314,9 @@ class Worker:
         or the next maintenance round."""
         assert self._stopping is not None and self._slot_freed is not None
         timeout = max(until, 0.0)
-        blocked = [limiter.ready_in() for limiter in self._limiters.values() if limiter.ready_in() > 0]
+        blocked = [
+            wait for c in self.task_classes if (wait := c.task_store().blocks.ready_in(clock.now().timestamp())) > 0
+        ]
         if blocked:
             timeout = min(timeout, *blocked)
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.wait()) for w in wakeups]
@@ -321,42 +336,34 @@ class Worker:
     async def _maintain(self, *, sweep: bool) -> None:
         """Recover expired leases (and the limit slots they held); now and then set aside unclaimable documents."""
         for task_class in self.task_classes:
+            task_store = task_class.task_store()
+            await clock.refresh(task_store.raw)
             if sweep:
                 await task_class.set_aside_unclaimable()
             await task_class.recover_expired()
-            await self._limiters[task_class].reconcile()
+            await task_store.reconcile_slots(task_store.now() - timedelta(seconds=SLOT_CLAIM_GRACE))
 
     async def _claim_next(self) -> bool:
-        """Claim one task, trying classes round-robin from where the last claim left off."""
-        count = len(self.task_classes)
+        """Claim one task, trying classes (and partitions) round-robin from where the last claim left off."""
+        count = len(self._queues)
         for offset in range(count):
             index = (self._next_class + offset) % count
-            task_class = self.task_classes[index]
+            task_class, partition = self._queues[index]
             cap = task_class.task_options.concurrency
             if cap is not None and sum(type(r.task) is task_class for r in self._running.values()) >= cap:
                 continue
-            limiter = self._limiters[task_class]
-            if limiter.ready_in() > 0:
+            task = await task_class.pop(consumer_id=self.consumer_id, partition=partition)
+            if task is None:
                 continue
-            if limiter.active:
-                claimed = await limiter.claim(self.consumer_id)
-                if claimed is None:
-                    continue
-                task, grant = claimed
-            else:
-                popped = await task_class.pop(consumer_id=self.consumer_id)
-                if popped is None:
-                    continue
-                task, grant = popped, None
             self._next_class = (index + 1) % count
-            self._start(task, grant)
+            self._start(task)
             return True
         return False
 
     # -------------------------------------------------------- one task
 
-    def _start(self, task: Task, grant: Grant | None) -> None:
-        record = _Running(task, grant)
+    def _start(self, task: Task) -> None:
+        record = _Running(task)
         job = asyncio.create_task(self._execute(record))
         self._running[job] = record
         job.add_done_callback(self._forget)
@@ -398,9 +405,9 @@ class Worker:
             self.stats["unsettled"] += 1
             log.error("%s: could not record its outcome (%s); its lease will expire and it will be retried", name, exc)
         finally:
-            if record.grant is not None and record.grant.slots:
+            if not task.is_settled:  # cancelled, lease lost or unsettled: its concurrency slot is free now
                 with contextlib.suppress(PyMongoError):
-                    await self._limiters[type(task)].release(record.grant)
+                    await type(task).task_store().release_slot_of(task.concurrency_key, task.lease_token)
 
     async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> None:
         """Settle, retrying a write lost to the network instead of waiting out the lease."""
@@ -435,7 +442,7 @@ class Worker:
             await task.fail(f"timed out after {timeout:g} s")
             self.stats["timed out"] += 1
             log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
-        elif task._settled:
+        elif task.is_settled:
             self.stats[task.state.value.lower()] += 1  # run() settled the task itself
         elif runner.cancelled():
             await task.release()

@@ -22,7 +22,7 @@ from beanie import init_beanie
 from beanie_tasks.driver import client_for, close_client
 from beanie_tasks.states import State
 from beanie_tasks.task import utcnow
-from bench.ours import BenchJob
+from bench.ours import BenchJob, stored_form
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tasks pushed at once; between one and two waves wait behind the running ones.
@@ -117,7 +117,9 @@ async def measure_memory(uri: str, tasks: int, concurrency: int, budget: float) 
             # Pushed and not yet deleted = waiting or running: top it up a wave at a time.
             if pushed - finished < concurrency + WAVE and pushed < tasks:
                 wave = min(WAVE, tasks - pushed)
-                await BenchJob.insert_many([BenchJob(run_at=utcnow(), max_attempts=1) for _ in range(wave)])
+                await collection.insert_many(
+                    [stored_form(BenchJob(run_at=utcnow(), max_attempts=1)) for _ in range(wave)]
+                )
                 pushed += wave
             most_queued = max(most_queued, pushed - finished)
             deleted = (await collection.delete_many({"state": State.FINISHED.value})).deleted_count

@@ -15,12 +15,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from beanie import init_beanie
+from beanie.odm.utils.dump import get_dict
+from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
 
 from beanie_tasks import State, Task
 from beanie_tasks.batch import claim_batch, finish_batch
 from beanie_tasks.driver import client_for, close_client
-from beanie_tasks.task import CLAIM_INDEX, CLAIM_SORT, utcnow
+from beanie_tasks.store import CLAIM_INDEX, CLAIM_SORT
+from beanie_tasks.task import utcnow
 from beanie_tasks.testing import CommandCounter
 
 
@@ -360,6 +363,11 @@ def plan_summary(explain: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def stored_form(task: Task) -> dict[str, Any]:
+    """The document ``push()`` would store, for seeding big queues with one ``insert_many`` per chunk."""
+    return get_dict(task, to_db=True, keep_nulls=True) | {"_id": ObjectId()}
+
+
 async def scaling(uri: str, queued: int, claims: int) -> dict[str, Any]:
     """Commands and milliseconds per claim with ``queued`` tasks waiting, and the claim's plan."""
     counter = CommandCounter()
@@ -367,8 +375,8 @@ async def scaling(uri: str, queued: int, claims: int) -> dict[str, Any]:
         await init_beanie(database=db, document_models=[BenchJob])
         now = utcnow()
         for start in range(0, queued, 5000):
-            chunk = [BenchJob(run_at=now, max_attempts=1) for _ in range(min(5000, queued - start))]
-            await BenchJob.insert_many(chunk)
+            chunk = [stored_form(BenchJob(run_at=now, max_attempts=1)) for _ in range(min(5000, queued - start))]
+            await BenchJob.collection().insert_many(chunk)
         claim_filter = BenchJob.claim_filter(utcnow())
         command = {
             "findAndModify": BenchJob.get_collection_name(),
@@ -407,3 +415,76 @@ async def server_description(uri: str) -> dict[str, Any]:
     finally:
         await close_client(client)
     return {"version": info.get("version", "?"), "replica_set": hello.get("setName")}
+
+
+async def links_fan(uri: str, fan_out: int, fan_in: int) -> dict[str, Any]:
+    """Cost of one task with ``fan_out`` dependents, and of one dependent of ``fan_in`` tasks.
+
+    Commands and seconds per link, so a reader sees whether each grows linearly. A fan-in
+    over the library's limit is reported as refused, with the error it raised.
+    """
+    from beanie import Link
+
+    from beanie_tasks import DependencyType, PushError, depends_on
+    from beanie_tasks.dependencies import MAX_LINKS_PER_TASK
+
+    class FanRoot(Task):
+        class Settings:
+            name = "bench_fan_roots"
+
+    class FanChild(Task):
+        parent: Link[FanRoot] = depends_on(DependencyType.DIRECT)
+
+        class Settings:
+            name = "bench_fan_children"
+
+    class FanJoin(Task):
+        parts: list[Link[FanRoot]] = depends_on(DependencyType.ALL_OF, default_factory=list)
+
+        class Settings:
+            name = "bench_fan_joins"
+
+    counter = CommandCounter()
+    out: dict[str, Any] = {"fan_out": fan_out, "fan_in": fan_in, "max_links_per_task": MAX_LINKS_PER_TASK}
+    async with bench_database(uri, counter) as db:
+        await init_beanie(database=db, document_models=[FanRoot, FanChild, FanJoin])
+        root = await FanRoot().push()
+        started = time.perf_counter()
+        counter.reset()
+        for _ in range(fan_out):
+            await FanChild(parent=root).push()  # type: ignore[arg-type,unused-ignore]
+        out["fan_out_push_commands_per_link"] = counter.total / fan_out
+        out["fan_out_push_seconds"] = time.perf_counter() - started
+        claimed = await FanRoot.pop()
+        if claimed is None:
+            raise RuntimeError("the root was not claimable")
+        counter.reset()
+        started = time.perf_counter()
+        await claimed.finish()
+        out["fan_out_finish_seconds"] = time.perf_counter() - started
+        out["fan_out_finish_commands_per_link"] = counter.total / fan_out
+        released = await FanChild.find({"run_at": {"$lt": datetime(9000, 1, 1, tzinfo=timezone.utc)}}).count()
+        if released != fan_out:
+            raise RuntimeError(f"{released} of {fan_out} dependents were released")
+        parts = [await FanRoot().push() for _ in range(fan_in)]
+        counter.reset()
+        started = time.perf_counter()
+        try:
+            await FanJoin(parts=parts).push()  # type: ignore[arg-type,unused-ignore]
+        except PushError as exc:
+            out["fan_in_refused"] = str(exc)
+            return out
+        out["fan_in_push_seconds"] = time.perf_counter() - started
+        out["fan_in_push_commands"] = counter.total
+        counter.reset()
+        started = time.perf_counter()
+        for _ in range(fan_in):
+            part = await FanRoot.pop()
+            if part is None:
+                raise RuntimeError("a part was not claimable")
+            await part.finish()
+        out["fan_in_finish_seconds_per_link"] = (time.perf_counter() - started) / fan_in
+        out["fan_in_finish_commands_per_link"] = counter.total / fan_in
+        if await FanJoin.pop() is None:
+            raise RuntimeError("the join did not become claimable")
+    return out

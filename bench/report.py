@@ -303,6 +303,46 @@ def systems_section(results: Results) -> str:
     return "## Systems\n\n" + table(["system", "version", "default wake-up / poll interval", "environment"], rows)
 
 
+def links_section(results: Results) -> str:
+    rows = []
+    for row in results.links:
+        fan_in = row.get("fan_in_refused")
+        rows.append(
+            [
+                f"{row['fan_out']:,}",
+                number(row["fan_out_push_commands_per_link"]),
+                f"{row['fan_out_push_seconds']:.1f}",
+                number(row["fan_out_finish_commands_per_link"]),
+                f"{row['fan_out_finish_seconds']:.2f}",
+                f"{row['fan_in']:,}",
+                "refused at push" if fan_in else f"{row['fan_in_push_commands']} in {row['fan_in_push_seconds']:.2f} s",
+                "-" if fan_in else number(row["fan_in_finish_commands_per_link"]),
+                "-" if fan_in else f"{row['fan_in_finish_seconds_per_link'] * 1000:.1f}",
+            ]
+        )
+    limit = results.links[0]["max_links_per_task"] if results.links else "?"
+    return (
+        "## 7. Dependency fan-out and fan-in\n\n"
+        "Fan-out: N dependents of one task, each pushed (find + insert + registration), then the one task finished "
+        "(its finisher tells every dependent, page by page). Fan-in: one dependent of N tasks, pushed, then the N "
+        f"finished one by one. A dependent may wait for at most {limit} tasks; more is refused at push.\n\n"
+        + table(
+            [
+                "fan-out",
+                "push commands / dependent",
+                "push s (all)",
+                "finish commands / dependent",
+                "finish s",
+                "fan-in",
+                "push of the dependent",
+                "commands / finished link",
+                "ms / finished link",
+            ],
+            rows,
+        )
+    )
+
+
 def write_markdown(results: Results) -> str:
     server = results.server
     sections = ", ".join(f"{name} {seconds:.0f}" for name, seconds in results.section_seconds.items()) or "-"
@@ -325,6 +365,7 @@ def write_markdown(results: Results) -> str:
         throughput_section(results),
         latency_section(results),
         scaling_section(results),
+        links_section(results) if results.links else "",
         memory_section(results),
     ]
     if results.errors:

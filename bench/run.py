@@ -23,7 +23,7 @@ from bench.memory import measure_memory
 from bench.report import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("commands", "batch", "throughput", "latency", "scaling", "memory")
+SECTIONS = ("commands", "batch", "throughput", "latency", "scaling", "links", "memory")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Sizes:
     # Keeps `make bench` within its ~10 minutes on a loaded machine; a run cut short says so.
     memory_budget_seconds: float = 360.0
     memory_concurrency: int = 16
+    # Dependency fan-out (dependents of one task) and fan-in (tasks one dependent waits for).
+    link_fans: tuple[tuple[int, int], ...] = ((1_000, 100), (10_000, 1_000), (100, 10_000))
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -56,6 +58,7 @@ class Sizes:
             scaling_sizes=(100, 1_000),
             memory_tasks=1_000,
             memory_budget_seconds=120.0,
+            link_fans=((100, 100), (1_000, 1_000)),
         )
 
 
@@ -74,6 +77,7 @@ class Results:
     latency: dict[str, list[float]] = field(default_factory=dict)
     scaling: list[dict[str, Any]] = field(default_factory=list)
     memory: Any = None
+    links: list[dict[str, Any]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     section_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -210,6 +214,11 @@ async def run(args: argparse.Namespace) -> Results:
                 results.scaling.append(await ours.scaling(uri, queued, sizes.scaling_claims))
                 progress.say(f"scaling at {queued} queued tasks done")
 
+        async def links() -> None:
+            for fan_out, fan_in in sizes.link_fans:
+                results.links.append(await ours.links_fan(uri, fan_out, fan_in))
+                progress.say(f"links: fan-out {fan_out}, fan-in {fan_in} done")
+
         async def memory() -> None:
             # A fresh bundled server: the history the earlier sections leave behind slows the shared one for a
             # worker watching a change stream (about half the rate in our runs). MONGODB_URI is used as it is.
@@ -227,6 +236,7 @@ async def run(args: argparse.Namespace) -> Results:
             "throughput": throughput,
             "latency": latency,
             "scaling": scaling,
+            "links": links,
             "memory": memory,
         }
         for name in SECTIONS:

@@ -55,7 +55,7 @@ async def main(uri: str) -> None:
         print(f"{len(batch)} tasks: claimed with {claimed_with} commands, acknowledged with {counter.total}")
         if done == 0:
             assert [t.priority for t in batch[:4]] == [Priority.HIGH] * 4  # priority order within the batch
-            assert claimed_with == 3 and counter.total == 1
+            assert claimed_with == 3 and counter.total == 2  # bulk write + read-back
         done += len(batch)
 
     assert done == 20

@@ -93,13 +93,13 @@ async def test_ambiguous_claim_never_runs_twice(retry_writes: bool, failpoints: 
     await task.finish()
 
 
-# ------------------------------------------------------------------ finish / fail (update)
+# ------------------------------------------------- finish / fail (findAndModify when terminal, else update)
 
 
 async def test_finish_with_dropped_connection(retry_writes: bool, failpoints: FailPoints) -> None:
     await Job(n=1).push()
     task = await claimed()
-    await failpoints.arm(["update"], closeConnection=True, times=1 if not retry_writes else 2)
+    await failpoints.arm(["findAndModify"], closeConnection=True, times=1 if not retry_writes else 2)
     with pytest.raises(ConnectionFailure):
         await task.finish("done")
     left = await stored(task)
@@ -113,7 +113,7 @@ async def test_finish_dropped_once_is_retried_by_the_driver(retry_writes: bool, 
         pytest.skip("only retryable writes retry by themselves")
     await Job(n=1).push()
     task = await claimed()
-    await failpoints.arm(["update"], closeConnection=True)
+    await failpoints.arm(["findAndModify"], closeConnection=True)
     await task.finish("done")
     assert (await stored(task)).result == "done"
 
@@ -123,7 +123,7 @@ async def test_finish_with_error_code_is_reported_and_the_task_stays_ours(
 ) -> None:
     await Job(n=1).push()
     task = await claimed()
-    await failpoints.arm(["update"], errorCode=2)
+    await failpoints.arm(["findAndModify"], errorCode=2)
     with pytest.raises(OperationFailure):
         await task.finish()
     assert (await stored(task)).state is State.RUNNING
@@ -137,7 +137,8 @@ async def test_ambiguous_transition_is_idempotent(retry_writes: bool, failpoints
     await Job(n=1).push()
     task = await claimed()
     token = task.lease_token
-    await failpoints.arm(["update"], writeConcernError=WRITE_CONCERN_ERROR, errorLabels=["RetryableWriteError"])
+    command = "update" if outcome == "fail-retry" else "findAndModify"  # a terminal write returns its flags
+    await failpoints.arm([command], writeConcernError=WRITE_CONCERN_ERROR, errorLabels=["RetryableWriteError"])
 
     async def transition() -> None:
         if outcome == "finish":
@@ -170,7 +171,7 @@ async def test_finish_whose_connection_times_out_after_the_server_applied_it(
     try:
         await Job(n=1).push()
         task = await claimed()
-        await failpoints.arm(["update"], blockConnection=True, blockTimeMS=1000)
+        await failpoints.arm(["findAndModify"], blockConnection=True, blockTimeMS=1000)
         with pytest.raises(ConnectionFailure):
             await task.finish("once")
         await task.finish("once")  # applied by the server or not: this call settles it, without LeaseLost

@@ -72,7 +72,8 @@ async def fault(request: pytest.FixtureRequest, backend: Any, db: Any, failpoint
     client = backend.client(appname=FailPoints.APP_NAME, retryWrites=retry_writes, socketTimeoutMS=5000)
     await init_beanie(database=client[db.name], document_models=[SettleJob])
     RUNS.clear()
-    BEFORE_SETTLE[:] = [lambda: failpoints.arm(["update"], times=times, **data)]
+    # Finishing and dead-lettering are findAndModify commands (they return the dependents flag).
+    BEFORE_SETTLE[:] = [lambda: failpoints.arm(["findAndModify"], times=times, **data)]
     try:
         yield request.param
     finally:
@@ -81,7 +82,8 @@ async def fault(request: pytest.FixtureRequest, backend: Any, db: Any, failpoint
 
 
 async def run_worker_until_settled(task: SettleJob, state: State) -> Worker:
-    worker = Worker([SettleJob], concurrency=2, consumer_id="settler", use_change_stream=False, schedules=False)
+    # Concurrency 1: no claim (also a findAndModify) is sent while the one task settles.
+    worker = Worker([SettleJob], concurrency=1, consumer_id="settler", use_change_stream=False, schedules=False)
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
 

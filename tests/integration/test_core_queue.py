@@ -1,4 +1,4 @@
-"""queue(): stops cleanly, waits quietly when idle, and picks up a push well under a second."""
+"""Queue(): stops cleanly, waits quietly when idle, and picks up a push well under a second."""
 
 from __future__ import annotations
 

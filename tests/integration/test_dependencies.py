@@ -10,8 +10,9 @@ import pytest
 from beanie import Link
 from pydantic import Field
 
-from beanie_tasks import DependencyType, OnFailure, PushError, State, Task, dependencies, depends_on
-from beanie_tasks.dependencies import declared_links, is_link_target
+from beanie_tasks import DependencyType, OnFailure, PushError, State, Task, depends_on
+from beanie_tasks.dependencies import declared_links
+from beanie_tasks.store import Store
 from beanie_tasks.task import FAR_FUTURE
 from tests.conftest import Backend
 
@@ -83,8 +84,6 @@ def test_declarations_are_discovered_at_class_creation() -> None:
     assert declared_links(PlainForm)[0].on_failure is OnFailure.FAIL
     assert declared_links(Tolerant)[0].on_failure is OnFailure.RUN
     assert declared_links(Standalone) == ()
-    assert is_link_target(Resize) and is_link_target(Publish)
-    assert not is_link_target(Standalone)
 
 
 def test_the_helper_raises_no_deprecation_warning_and_bad_values_fail_early() -> None:
@@ -138,18 +137,18 @@ async def test_dependency_ending_between_the_check_and_the_registration(
 ) -> None:
     """The push read the dependency as in flight; it ends before the push registers on it."""
     resize = await Resize(src="race").push()
-    register = dependencies._register
+    register = Store.register_dependent
 
-    async def end_first(*args: Any) -> Any:
+    async def end_first(self: Store, *args: Any) -> Any:
         if outcome == "finish":
             await resize.finish()
         elif outcome == "fail":
             await resize.fail("late failure", retry=False)
         else:
             await resize.delete()
-        return await register(*args)
+        return await register(self, *args)
 
-    monkeypatch.setattr(dependencies, "_register", end_first)
+    monkeypatch.setattr(Store, "register_dependent", end_first)
     publish = await Publish(resize=resize).push()
     state, error = await state_of(publish)
     if outcome == "finish":
@@ -317,12 +316,12 @@ async def test_recover_expired_tells_dependents_a_dying_finisher_left_behind() -
     assert "dependents_pending" not in stored
 
 
-async def test_bulk_terminal_writes_tell_dependents_through_the_helper() -> None:
+async def test_bulk_terminal_writes_outside_the_library_are_repaired_by_the_sweep() -> None:
     resizes = [await Resize(src=f"bulk{i}").push() for i in range(2)]
     publishes = [await Publish(resize=r).push() for r in resizes]
     ids = [r.id for r in resizes]
     await Resize.collection().update_many({"_id": {"$in": ids}}, {"$set": {"state": State.FINISHED.value}})
-    await dependencies.after_terminal_many(Resize, ids)
+    await Resize.recover_expired()  # its sweep tells the dependents of ended tasks whose flag is still set
     assert {(await run(Publish)).id for _ in publishes} == {p.id for p in publishes}
 
 
@@ -330,7 +329,8 @@ async def test_a_dependent_whose_registration_was_lost_is_registered_again() -> 
     resize = await Resize(src="k").push()
     publish = await Publish(resize=resize).push()
     # The producer died after inserting the dependent, before telling the dependency.
-    await Resize.collection().update_one({"_id": resize.id}, {"$unset": {"dependents": "", "dependents_pending": ""}})
+    forgotten = {"$unset": {"dependents_in": "", "dependents_pending": ""}}
+    await Resize.collection().update_one({"_id": resize.id}, forgotten)
     assert await Publish.check_dependencies() == 1
     await resize.finish()
     assert (await run(Publish)).id == publish.id
@@ -385,5 +385,5 @@ async def test_finishing_a_task_with_dependents_costs_per_dependent(backend: Bac
     claimed = await run(Resize)
     backend.counter.reset()
     await claimed.finish()
-    # 1 finish + per dependent (record + release) + 1 to clear the pending flag.
-    assert backend.counter.total == 1 + 3 * 2 + 1, backend.counter.commands
+    # 1 finish + 1 find of the dependents + per dependent (record + release) + 1 to clear the pending flag.
+    assert backend.counter.total == 1 + 1 + 3 * 2 + 1, backend.counter.commands

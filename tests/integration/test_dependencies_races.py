@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from beanie import Link, init_beanie
 
-from beanie_tasks import DependencyType, OnFailure, State, Task, dependencies, depends_on
+from beanie_tasks import DependencyType, OnFailure, State, Task, depends_on
 from beanie_tasks.driver import client_for, close_client
+from beanie_tasks.store import Store
 from tests.conftest import Backend
 
 pytestmark = [pytest.mark.wire, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -169,7 +170,7 @@ async def settled(timeout: float = WAIT) -> None:
             return
         if loop.time() > deadline:
             blocked = {
-                row["label"]: {name: link["wait"] for name, link in row.get("dep_links", {}).items() if link["wait"]}
+                row["label"]: [entry["i"] for entry in row.get("dep_wait", [])]
                 async for row in Joined.collection().find({"state": State.CREATED.value})
             }
             raise AssertionError(f"{busy} task(s) still in flight; blocked Joined (label: links waited on): {blocked}")
@@ -200,15 +201,15 @@ async def test_dependencies_end_in_other_processes_while_dependents_are_pushed(
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
-    register = dependencies._register
+    register = Store.register_dependent
 
-    async def slow_register(*args: Any) -> Any:
+    async def slow_register(self: Store, *args: Any) -> Any:
         # Widen the window between reading the links' states and registering on them,
         # so the workers often end a dependency right inside it.
         await asyncio.sleep(rng.random() * 0.02)
-        return await register(*args)
+        return await register(self, *args)
 
-    monkeypatch.setattr(dependencies, "_register", slow_register)
+    monkeypatch.setattr(Store, "register_dependent", slow_register)
     stop = SPAWN.Event()
     ready = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=streaming_worker, args=(uri, name, seed + i, ready, stop)) for i in range(3)]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import pytest
 
 from beanie_tasks import RateLimit, State, Task, Worker
-from beanie_tasks.limits import LIMITS_COLLECTION, Limiter
+from beanie_tasks.limits import LIMITS_COLLECTION, SLOT_CLAIM_GRACE, LimitPolicy
 from beanie_tasks.task import utcnow
 from beanie_tasks.testing import eventually as wait_until
 from beanie_tasks.testing import running
@@ -142,43 +142,43 @@ async def test_key_rate_limit_only_throttles_its_own_key() -> None:
 
 @pytest.mark.wire
 async def test_limit_bookkeeping_is_paid_only_where_a_limit_applies(backend: Any) -> None:
-    limiter = Limiter(PerKey)
-    await limiter.setup()
-    assert not Limiter(Unlimited).active  # the worker claims such classes with a plain pop()
+    store = PerKey.task_store()
+    assert store.limits.active
+    assert not LimitPolicy.of(Unlimited.task_options).active  # such classes are claimed with one findAndModify
     backend.counter.reset()
-    grant = await limiter.acquire(None, None, "token")  # no key: nothing to take
+    grant = await store.acquire(None, None, "token")  # no key: nothing to take
     assert grant is not None and backend.counter.total == 0
     await PerKey(label="free").push()
     backend.counter.reset()
-    claimed = await limiter.claim("me")
-    assert claimed is not None and not claimed[1].slots
+    assert await PerKey.pop(consumer_id="me") is not None
     assert backend.counter.by_name() == {"find": 1, "findAndModify": 1}  # read the candidate, claim it
     await PerKey(label="keyed", concurrency_key="k").push()
     backend.counter.reset()
-    claimed = await limiter.claim("me")
-    assert claimed is not None and claimed[1].slots
+    assert await PerKey.pop(consumer_id="me") is not None
     assert backend.counter.by_name() == {"find": 1, "update": 1, "findAndModify": 1}  # + one slot update
 
 
 async def test_lease_recovery_frees_the_slot_of_a_dead_worker() -> None:
     await PerKey(label="dies", concurrency_key="k").push()
-    limiter = Limiter(PerKey)
-    await limiter.setup()
-    claimed = await limiter.claim("dead")
-    assert claimed is not None
-    task, _grant = claimed
+    store = PerKey.task_store()
+    task = await PerKey.pop(consumer_id="dead")
+    assert task is not None
     slots = PerKey.collection().database[LIMITS_COLLECTION]
-    holders = (await slots.find_one({"scope": limiter.scope}))["holders"]
+    holders = (await slots.find_one({"scope": store.limit_scope}))["holders"]
     assert [h["t"] for h in holders] == [task.lease_token]
     await PerKey.collection().update_one(
         {"_id": task.id}, {"$set": {"lease_expires_at": utcnow() - timedelta(seconds=1)}}
     )
     assert await PerKey.recover_expired() == 1
-    assert await limiter.reconcile() == 0  # a holder this young may still be on its way to its claim
-    await slots.update_many({"scope": limiter.scope}, {"$set": {"holders.0.at": utcnow() - timedelta(minutes=5)}})
-    assert await limiter.reconcile() == 1
-    assert (await slots.find_one({"scope": limiter.scope}))["holders"] == []
-    assert await limiter.reconcile() == 0
+
+    def settled_before() -> Any:
+        return store.now() - timedelta(seconds=SLOT_CLAIM_GRACE)
+
+    assert await store.reconcile_slots(settled_before()) == 0  # a holder this young may still be claiming
+    await slots.update_many({"scope": store.limit_scope}, {"$set": {"holders.0.at": utcnow() - timedelta(minutes=5)}})
+    assert await store.reconcile_slots(settled_before()) == 1
+    assert (await slots.find_one({"scope": store.limit_scope}))["holders"] == []
+    assert await store.reconcile_slots(settled_before()) == 0
 
 
 WORKER_SCRIPT = textwrap.dedent(

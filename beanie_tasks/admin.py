@@ -1,0 +1,79 @@
+"""Operating a queue: counts, requeueing, purging, and setting aside documents no claim can run.
+
+Each operation is scoped to one task class (and its subclasses) through its ``Store``,
+so a sibling class sharing the collection is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from beanie_tasks import dependencies
+from beanie_tasks.states import IN_FLIGHT_STATES, State
+from beanie_tasks.store import Store
+
+log = logging.getLogger("beanie_tasks")
+
+MAX_SET_ASIDE_PER_ROUND = 100
+
+
+async def counts(store: Store) -> dict[State, int]:
+    """How many tasks are in each state (every state present, zero included)."""
+    found = await store.count_by_state()
+    return {state: found.get(state.value, 0) for state in State}
+
+
+async def requeue_failed(store: Store) -> int:
+    """Give FAILED tasks a fresh set of attempts; returns how many were requeued.
+
+    A task failed because a dependency failed, or still waiting for one, stays FAILED:
+    requeued, it would run without its links. A task whose ``dedupe_key`` is taken by a
+    newer in-flight task stays FAILED too.
+    """
+    return await store.requeue(store.now())
+
+
+async def purge(store: Store, states: Iterable[State | str], *, force: bool = False) -> int:
+    """Delete tasks in the given states; in-flight states need ``force=True``."""
+    wanted = {State(s) for s in states}
+    if not wanted:
+        raise ValueError("purge needs at least one state")
+    live = wanted & IN_FLIGHT_STATES
+    if live and not force:
+        raise ValueError(f"refusing to purge in-flight states {sorted(s.value for s in live)} without force=True")
+    return await store.delete_in_states(s.value for s in wanted)
+
+
+async def set_aside(
+    store: Store, document: Mapping[str, Any], reason: str, guard: dict[str, Any] | None = None
+) -> bool:
+    """Mark one document FAILED with ``reason`` so it cannot block the queue, and tell its dependents."""
+    log.error("%s %s set aside: %s", store.name, document.get("_id"), reason)
+    partition = document.get(store.partition_field) if store.partition_field else None
+    selector = guard or store.by_id(document["_id"], partition) | {"lease_token": document.get("lease_token")}
+    returned = await store.set_aside(selector, reason)
+    if returned is not None:
+        await dependencies.after_terminal(store, document["_id"], State.FAILED.value, reason, returned)
+    return returned is not None
+
+
+async def set_aside_unclaimable(store: Store, *, limit: int = MAX_SET_ASIDE_PER_ROUND) -> int:
+    """Mark FAILED, with the reason, documents that no claim or recovery would ever pick up.
+
+    An unknown, missing or array state, a CREATED task whose ``run_at`` is missing or not
+    a date, a RUNNING task without a ``lease_expires_at`` date: left alone, each would
+    sit in the collection forever. Returns how many documents were set aside.
+    """
+    count = 0
+    for row, guard, field_name, problem in await store.unclaimable(limit):
+        value = repr(row.get(field_name, "<missing>"))[:100]
+        reason = f"malformed {store.name} document: {field_name} {value} {problem}; it can never be claimed"
+        count += await set_aside(store, row, reason, guard)
+    return count
+
+
+async def check_dependencies(store: Store) -> int:
+    """Repair dependency bookkeeping now (deleted links, lost notifications); see ``dependencies.sweep``."""
+    return await dependencies.check_dependencies(store)

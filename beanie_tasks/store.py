@@ -1,0 +1,849 @@
+"""Every command the queue sends to MongoDB, and the stored schema those commands rely on.
+
+This module works on raw collections and knows no Beanie model: a task class hands it
+a ``Store`` built from plain values (its collection, its class scope, its settings).
+Reads that the bookkeeping depends on go to the primary, whatever the app's default
+read preference; every time that decides a lease or a due date is the server's
+(``clock.now``).
+
+Stored fields of a task document
+--------------------------------
+The model's own fields (``task.Task``): ``state``, ``priority``, ``created_at``,
+``run_at``, ``attempts``, ``max_attempts``, ``dedupe_key``, ``result``, ``error``,
+``progress``, ``progress_message``, ``consumer_id``, ``lease_token``,
+``lease_expires_at``, ``started_at``, ``finished_at``, ``expires_at``,
+``rate_limit_key``, ``concurrency_key``, the subclass's own fields, and Beanie's
+class field (``_class_id``) when several classes share the collection through
+inheritance (``Settings.is_root``). Bookkeeping fields outside the model:
+
+* ``dedupe_slot``: the ``dedupe_key``, present only while the task is in flight;
+* on a dependent that waits for its links (``dependencies``):
+  ``dep_blocked: true``; ``dep_run_at``, the ``run_at`` it was pushed with (``run_at``
+  itself is ``FAR_FUTURE`` meanwhile); ``dep_wait``, one ``{i, f}`` per dependency not
+  yet ended (its id and the link fields naming it); ``dep_links``, per field
+  ``{kind, on_failure, c, n, ok, bad, cause}`` (the linked collection, how many links,
+  how many ended well or badly, the last bad one); ``dep_ttl``, the class's ``ttl``
+  (a process that never imported the class may end it);
+* ``dep_failed: true`` on a task failed because of its links;
+* on a dependency: ``dependents_pending: true`` from the first dependent's push until
+  every dependent was told it ended, and ``dependents_in``, the collections its
+  dependents live in. The dependents themselves are found through the index on
+  ``dep_wait.i``, so a dependency's document does not grow with its fan-out.
+
+Indexes of a task collection (``P`` is the ``partition_by`` field, ``C`` the class
+field, each present only when the class has one)
+-----------------------------------------------------------------------------------
+* ``bt_claim``: ``P, C, state, priority desc, run_at, _id``: the claim, in
+  equality-sort-range order; also counts and the oldest ready task;
+* ``bt_lease``: ``C, state, lease_expires_at``: lease recovery;
+* ``bt_dedupe``: ``P, C, dedupe_slot``, unique, only documents with a slot;
+* ``bt_expiry``: ``expires_at``, TTL (set only at a terminal transition);
+* ``bt_dependents``: ``dependents_pending``, only where true: the repair sweep;
+* ``bt_waiting``: ``dep_wait.i``, only parked dependents: telling dependents;
+* ``bt_blocked``: ``dep_blocked, _id``, only parked dependents: the reconcile sweep.
+
+Other collections of the database
+---------------------------------
+* ``beanie_tasks_limits``: rate windows ``{_id: "rate:<scope>:<key>:<window>", n,
+  scope, expires_at}`` (TTL on ``expires_at``) and concurrency slots
+  ``{_id: "slots:<scope>:<key>", holders: [{t: lease token, at}], scope}``; indexes
+  ``bt_limit_expiry`` and ``bt_limit_scope``;
+* ``beanie_tasks_schedules``: one cursor per periodic class, ``{_id, last_slot,
+  schedule, updated_at}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo.errors import DuplicateKeyError, OperationFailure
+
+from beanie_tasks import clock, driver
+from beanie_tasks.errors import NotRegistered
+from beanie_tasks.limits import LIMITS_COLLECTION, MAX_CANDIDATES, Grant, KeyBlocks, LimitPolicy
+from beanie_tasks.options import RateLimit, TaskOptions
+from beanie_tasks.states import IN_FLIGHT_STATES, TERMINAL_STATES, State
+
+log = logging.getLogger("beanie_tasks")
+
+CLAIM_INDEX = "bt_claim"
+CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
+SCHEDULES_COLLECTION = "beanie_tasks_schedules"
+IN_FLIGHT = sorted(s.value for s in IN_FLIGHT_STATES)
+TERMINAL = sorted(s.value for s in TERMINAL_STATES)
+# What a terminal write returns: enough to know whether dependents wait for it.
+ENDED_PROJECTION = {"dependents_pending": 1, "dependents_in": 1}
+# Dependents told per page of a notification, and documents per page of a sweep.
+PAGE = 500
+# A batch claim that lost every candidate to other consumers looks again this many times.
+CLAIM_ROUNDS = 3
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A task that reached a terminal state (or vanished), as its dependents are told it."""
+
+    collection: Any
+    id: Any
+    state: str
+    error: str | None
+    dependents_in: tuple[str, ...] = ()
+
+
+class Store:
+    """The commands of one task class, scoped to the class (and its subclasses) and partition."""
+
+    def __init__(
+        self,
+        name: str,
+        collection: Any,
+        options: TaskOptions,
+        *,
+        class_field: str | None = None,
+        class_ids: Callable[[], Sequence[str]] | None = None,
+        partition_field: str | None = None,
+    ) -> None:
+        self.name = name
+        self.raw = collection
+        self.collection = driver.primary(collection)
+        self.options = options
+        self.class_field = class_field
+        self._class_ids = class_ids
+        self.partition_field = partition_field
+        self.limits = LimitPolicy.of(options)
+        self.blocks = KeyBlocks()
+        self.limit_scope = f"{collection.name}:{name}"
+        self._reconcile_after: Any = None
+
+    # ------------------------------------------------------------ scope
+
+    def scope(self) -> dict[str, Any]:
+        """The filter that keeps every command to this class and its subclasses."""
+        if self.class_field is None or self._class_ids is None:
+            return {}
+        ids = list(self._class_ids())
+        return {self.class_field: ids[0] if len(ids) == 1 else {"$in": ids}}
+
+    def now(self) -> datetime:
+        return clock.now(self.raw)
+
+    def terminal_fields(self, state: State, now: datetime, ttl: float | None = None) -> dict[str, Any]:
+        ttl = self.options.ttl if ttl is None else ttl
+        return {
+            "state": state.value,
+            "finished_at": now,
+            "expires_at": now + timedelta(seconds=ttl) if ttl is not None else None,
+            "lease_expires_at": None,
+        }
+
+    # ---------------------------------------------------------- indexes
+
+    def index_models(self) -> list[IndexModel]:
+        lead = [(self.partition_field, ASCENDING)] if self.partition_field else []
+        if self.class_field is not None:
+            lead.append((self.class_field, ASCENDING))
+        collection = self.raw
+        return [
+            IndexModel(
+                [*lead, ("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
+                name=CLAIM_INDEX,
+            ),
+            IndexModel([*lead, ("state", ASCENDING), ("lease_expires_at", ASCENDING)], name="bt_lease"),
+            IndexModel(
+                [*lead, ("dedupe_slot", ASCENDING)],
+                name="bt_dedupe",
+                unique=True,
+                **driver.only_present("dedupe_slot", collection),
+            ),
+            IndexModel([("expires_at", ASCENDING)], name="bt_expiry", expireAfterSeconds=0),
+            IndexModel(
+                [("dependents_pending", ASCENDING)],
+                name="bt_dependents",
+                **driver.only_flagged("dependents_pending", collection),
+            ),
+            IndexModel(
+                [("dep_wait.i", ASCENDING)], name="bt_waiting", **driver.only_flagged("dep_blocked", collection)
+            ),
+            IndexModel(
+                [("dep_blocked", ASCENDING), ("_id", ASCENDING)],
+                name="bt_blocked",
+                **driver.only_flagged("dep_blocked", collection),
+            ),
+        ]
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes (idempotent); a conflicting older index is a clear error, not a crash."""
+        try:
+            await self.raw.create_indexes(self.index_models())
+        except OperationFailure as exc:
+            if exc.code not in (85, 86):  # IndexOptionsConflict, IndexKeySpecsConflict
+                raise
+            raise NotRegistered(
+                f"{self.name}: collection {self.raw.name!r} has a queue index with other keys than this class "
+                f"needs ({exc.details.get('errmsg') if exc.details else exc}); several classes sharing a collection "
+                "must agree on partition_by, and an index left by an older layout must be dropped once"
+            ) from exc
+        if self.limits.active:
+            limits = self.raw.database[LIMITS_COLLECTION]
+            await limits.create_indexes(
+                [
+                    IndexModel([("expires_at", ASCENDING)], name="bt_limit_expiry", expireAfterSeconds=0),
+                    IndexModel([("scope", ASCENDING)], name="bt_limit_scope"),
+                ]
+            )
+
+    # ----------------------------------------------------------- inserts
+
+    async def insert(self, document: dict[str, Any]) -> None:
+        driver.check_document_size(self.raw, document)
+        await self.collection.insert_one(document)
+
+    async def find_by_id(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await self.collection.find_one({"_id": task_id}, projection)
+        return found
+
+    async def find_dedupe_twin(self, key: str, partition: Any = None) -> dict[str, Any] | None:
+        selector = self.scope() | {"dedupe_slot": key}
+        if self.partition_field is not None:
+            selector[self.partition_field] = partition
+        found: dict[str, Any] | None = await self.collection.find_one(selector)
+        return found
+
+    # ------------------------------------------------------------- claim
+
+    def claim_filter(self, now: datetime, partition: Any = None) -> dict[str, Any]:
+        """Ready tasks of this class: CREATED (a string, never an array) and due."""
+        selector: dict[str, Any] = {}
+        if self.partition_field is not None and partition is not None:
+            selector[self.partition_field] = partition
+        return selector | self.scope() | {"state": State.CREATED.value, "run_at": {"$lte": now}}
+
+    def _claim_update(self, now: datetime, consumer_id: str, token: str) -> dict[str, Any]:
+        return {
+            "$set": {
+                "state": State.RUNNING.value,
+                "consumer_id": consumer_id,
+                "lease_token": token,
+                "lease_expires_at": now + self.options.lease,
+                "started_at": now,
+            },
+            "$inc": {"attempts": 1},
+        }
+
+    def _hint(self, partition: Any) -> dict[str, Any]:
+        # An unpinned claim on a partitioned class has no index prefix to use: leave it to the planner.
+        if self.partition_field is not None and partition is None:
+            return {}
+        return driver.index_hint(self.raw, CLAIM_INDEX)
+
+    async def claim(
+        self,
+        consumer_id: str,
+        *,
+        count: int = 1,
+        partition: Any = None,
+        lease_token: str | None = None,
+        ignore_limits: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Claim up to ``count`` ready tasks: the one claim every consumer goes through.
+
+        Each claimed document is RUNNING under a lease token chosen here, before the
+        command is sent. One task is one ``findAndModify`` with the claim sort, pinned to
+        ``bt_claim``. Several are a ``find`` of candidate ids, one ``update_many`` of
+        those still ready, and a ``find`` of those won under this call's token. A class
+        with rate or concurrency limits claims one candidate at a time, after taking
+        what its limits require (``ignore_limits=True`` skips them on purpose).
+        """
+        if self.limits.active and not ignore_limits:
+            claimed: list[dict[str, Any]] = []
+            for _ in range(count):
+                document = await self._claim_limited(consumer_id, partition)
+                if document is None:
+                    break
+                claimed.append(document)
+            return claimed
+        if count == 1:
+            now = self.now()
+            document = await self.collection.find_one_and_update(
+                self.claim_filter(now, partition),
+                self._claim_update(now, consumer_id, lease_token or uuid.uuid4().hex),
+                sort=CLAIM_SORT,
+                return_document=ReturnDocument.AFTER,
+                **self._hint(partition),
+            )
+            return [document] if document is not None else []
+        return await self._claim_many(consumer_id, count, partition, lease_token)
+
+    async def _claim_many(
+        self, consumer_id: str, count: int, partition: Any, lease_token: str | None
+    ) -> list[dict[str, Any]]:
+        for _ in range(CLAIM_ROUNDS):
+            now = self.now()
+            ready = self.claim_filter(now, partition)
+            cursor = self.collection.find(ready, {"_id": 1}, sort=CLAIM_SORT, limit=count, **self._hint(partition))
+            candidates = [row["_id"] async for row in cursor]
+            if not candidates:
+                return []
+            token = lease_token or uuid.uuid4().hex
+            result = await self.collection.update_many(
+                ready | {"_id": {"$in": candidates}}, self._claim_update(now, consumer_id, token)
+            )
+            if result.modified_count == 0:
+                continue  # every candidate went to another consumer: look again
+            return [doc async for doc in self.collection.find({"_id": {"$in": candidates}, "lease_token": token})]
+        return []
+
+    async def _claim_limited(self, consumer_id: str, partition: Any) -> dict[str, Any] | None:
+        """Read the next candidate, take what its limits need, then claim exactly it under that token.
+
+        A refused candidate is never touched: it stays CREATED with its priority, ``run_at``
+        and attempts, and its key is skipped by this process until its window ends. If
+        another consumer claims the candidate first, everything taken is given back.
+        """
+        for _ in range(MAX_CANDIDATES):
+            wall = self.now().timestamp()
+            if self.blocks.ready_in(wall) > 0:
+                return None
+            now = self.now()
+            selector = self.claim_filter(now, partition) | self.blocks.claim_filter(wall)
+            candidate = await self.collection.find_one(
+                selector, {"rate_limit_key": 1, "concurrency_key": 1}, sort=CLAIM_SORT, **self._hint(partition)
+            )
+            if candidate is None:
+                return None
+            token = uuid.uuid4().hex
+            grant = await self.acquire(candidate.get("rate_limit_key"), candidate.get("concurrency_key"), token)
+            if grant is None:
+                continue  # that key is now skipped: look at the next candidate
+            document = await self.collection.find_one_and_update(
+                self.claim_filter(now, partition) | {"_id": candidate["_id"]},
+                self._claim_update(now, consumer_id, token),
+                return_document=ReturnDocument.AFTER,
+            )
+            if document is not None:
+                return dict(document)
+            await self.undo(grant)  # another consumer was faster
+        return None
+
+    # ------------------------------------------------------------ limits
+
+    def _limits(self) -> Any:
+        return self.raw.database[LIMITS_COLLECTION]
+
+    def slot_id(self, key: str) -> str:
+        return f"slots:{self.limit_scope}:{key}"
+
+    async def acquire(self, rate_key: str | None, slot_key: str | None, token: str) -> Grant | None:
+        """Take every token and slot a task with these keys needs, all or nothing; None means wait."""
+        wall = self.now().timestamp()
+        grant = Grant(token=token)
+        policy = self.limits
+        if policy.rate is not None and not await self._take_rate("*", policy.rate, wall, grant):
+            self.blocks.block_class(policy.rate.window(wall)[1])
+            return None
+        key_rate = policy.key_rate
+        if key_rate is not None and rate_key is not None and not await self._take_rate(rate_key, key_rate, wall, grant):
+            self.blocks.block_rate_key(rate_key, key_rate.window(wall)[1])
+            await self.undo(grant)
+            return None
+        if policy.key_concurrency is not None and slot_key is not None:
+            joined = await self._conditional_upsert(
+                {"_id": self.slot_id(slot_key), f"holders.{policy.key_concurrency - 1}": {"$exists": False}},
+                {"$push": {"holders": {"t": token, "at": self.now()}}, "$setOnInsert": {"scope": self.limit_scope}},
+            )
+            if not joined:
+                self.blocks.block_slot_key(slot_key, wall)
+                await self.undo(grant)
+                return None
+            grant.slots.append(slot_key)
+        return grant
+
+    async def _take_rate(self, key: str, rate: RateLimit, wall: float, grant: Grant) -> bool:
+        index, ends = rate.window(wall)
+        counter = f"rate:{self.limit_scope}:{key}:{index}"
+        expires = datetime.fromtimestamp(ends, timezone.utc) + timedelta(seconds=max(rate.per, 60.0))
+        ok = await self._conditional_upsert(
+            {"_id": counter, "n": {"$lt": rate.count}},
+            {"$inc": {"n": 1}, "$setOnInsert": {"scope": self.limit_scope, "expires_at": expires}},
+        )
+        if ok:
+            grant.counters.append(counter)
+        return ok
+
+    async def _conditional_upsert(self, selector: dict[str, Any], update: dict[str, Any]) -> bool:
+        """Apply ``update`` if ``selector`` matches, creating the document when it does not exist.
+
+        When the document exists but the condition fails, the upsert collides on ``_id``:
+        that is a refusal. Two first-comers racing to create it also collide, so the loser
+        retries as a plain conditional update before it takes no for an answer.
+        """
+        limits = self._limits()
+        try:
+            await limits.update_one(selector, update, upsert=True)
+            return True
+        except DuplicateKeyError:
+            update = {k: v for k, v in update.items() if k != "$setOnInsert"}
+            result = await limits.update_one(selector, update)
+            return bool(result.matched_count)
+
+    async def undo(self, grant: Grant) -> None:
+        """Give back everything a grant took, for a task that did not start after all."""
+        limits = self._limits()
+        for counter in grant.counters:
+            await limits.update_one({"_id": counter, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+        grant.counters.clear()
+        for key in grant.slots:
+            await self.leave_slot(key, grant.token)
+        grant.slots.clear()
+
+    async def leave_slot(self, key: str, token: str) -> None:
+        """Give back the concurrency slot a task held under ``token`` (rate tokens stay spent)."""
+        await self._limits().update_one({"_id": self.slot_id(key)}, {"$pull": {"holders": {"t": token}}})
+        self.blocks.unblock_slot_key(key)
+
+    async def reconcile_slots(self, settled_before: datetime) -> int:
+        """Free slots held by tasks that are no longer RUNNING under that lease (their worker died)."""
+        if self.limits.key_concurrency is None:
+            return 0
+        limits = self._limits()
+        holders: set[str] = set()
+        async for row in limits.find({"scope": self.limit_scope, "holders.0": {"$exists": True}}, {"holders": 1}):
+            holders.update(
+                h["t"]
+                for h in row.get("holders") or []
+                if isinstance(h, dict) and clock.as_utc(h["at"]) < settled_before
+            )
+        if not holders:
+            return 0
+        alive = {
+            row["lease_token"]
+            async for row in self.collection.find(
+                {"state": State.RUNNING.value, "lease_token": {"$in": sorted(holders)}}, {"lease_token": 1}
+            )
+        }
+        stale = sorted(holders - alive)
+        if stale:
+            await limits.update_many({"scope": self.limit_scope}, {"$pull": {"holders": {"t": {"$in": stale}}}})
+            log.warning("%s: freed %d concurrency slot(s) of tasks that stopped running", self.name, len(stale))
+        return len(stale)
+
+    # ------------------------------------------------------- transitions
+
+    def by_id(self, task_id: Any, partition: Any = None) -> dict[str, Any]:
+        """A filter for one task; with the partition value, so a sharded collection routes it to one shard."""
+        selector: dict[str, Any] = {"_id": task_id}
+        if self.partition_field is not None and partition is not None:
+            selector[self.partition_field] = partition
+        return selector
+
+    def lease_guard(self, task_id: Any, lease_token: str | None, partition: Any = None) -> dict[str, Any]:
+        """The filter that makes a write apply only while the caller's view is current."""
+        if lease_token is not None:
+            return self.by_id(task_id, partition) | {"state": State.RUNNING.value, "lease_token": lease_token}
+        return self.by_id(task_id, partition) | {"state": State.CREATED.value, "lease_token": None}
+
+    async def end(self, guard: dict[str, Any], update: dict[str, Any]) -> dict[str, Any] | None:
+        """A terminal write: returns what says whether dependents wait (None: the guard missed)."""
+        found: dict[str, Any] | None = await self.collection.find_one_and_update(
+            guard, update, projection=ENDED_PROJECTION, return_document=ReturnDocument.AFTER
+        )
+        return found
+
+    async def update_guarded(self, guard: dict[str, Any], update: dict[str, Any]) -> bool:
+        result = await self.collection.update_one(guard, update)
+        return bool(result.matched_count)
+
+    async def finish_many(
+        self, updates: list[tuple[dict[str, Any], dict[str, Any]]], tokens: Mapping[Any, str | None]
+    ) -> tuple[set[Any], list[dict[str, Any]]]:
+        """Apply guarded finishes in one ``bulk_write``, then read back which landed.
+
+        Returns the ids now FINISHED under their caller's token, and of those the ones
+        whose dependents wait (one ``find`` reads both).
+        """
+        await driver.bulk_update(self.collection, updates)
+        projection = {"state": 1, "lease_token": 1, **ENDED_PROJECTION}
+        cursor = self.collection.find({"_id": {"$in": list(tokens)}}, projection)
+        finished: set[Any] = set()
+        pending: list[dict[str, Any]] = []
+        async for row in cursor:
+            if row.get("state") == State.FINISHED.value and row.get("lease_token") == tokens[row["_id"]]:
+                finished.add(row["_id"])
+                if row.get("dependents_pending"):
+                    pending.append(row)
+        return finished, pending
+
+    async def retry_unclaimed(
+        self, task_id: Any, fields: dict[str, Any], run_at: datetime, partition: Any = None
+    ) -> bool:
+        """A failed attempt of a task nobody claimed: retried at ``run_at``, or kept parked while it waits.
+
+        A parked dependent keeps ``run_at = FAR_FUTURE`` and gets ``run_at`` as the time it
+        is released to, so a failure can never release it before its dependencies end.
+        """
+        guard = self.lease_guard(task_id, None, partition)
+        update = {"$set": fields | {"run_at": run_at}, "$inc": {"attempts": 1}}
+        if await self.update_guarded(guard | {"dep_blocked": {"$exists": False}}, update):
+            return True
+        parked = {"$set": fields | {"dep_run_at": run_at}, "$inc": {"attempts": 1}}
+        return await self.update_guarded(guard | {"dep_blocked": True}, parked)
+
+    async def release_slot_of(self, concurrency_key: str | None, token: str | None) -> None:
+        """After a task left RUNNING: free the concurrency slot it held, where its class has caps."""
+        if self.limits.key_concurrency is not None and concurrency_key is not None and token is not None:
+            await self.leave_slot(concurrency_key, token)
+
+    async def cancel(self, task_id: Any, now: datetime, partition: Any = None) -> dict[str, Any] | None:
+        return await self.end(
+            self.by_id(task_id, partition) | {"state": {"$in": IN_FLIGHT}},
+            {"$set": self.terminal_fields(State.CANCELLED, now), "$unset": {"dedupe_slot": ""}},
+        )
+
+    async def set_aside(self, guard: dict[str, Any], reason: str) -> dict[str, Any] | None:
+        """Mark one document FAILED with ``reason`` (guarded, so a concurrent change wins)."""
+        now = self.now()
+        return await self.end(
+            guard, {"$set": self.terminal_fields(State.FAILED, now) | {"error": reason}, "$unset": {"dedupe_slot": ""}}
+        )
+
+    # ----------------------------------------------------------- recovery
+
+    async def recover_expired(self) -> int:
+        """Return tasks whose lease expired to CREATED, or FAILED when no attempts remain: one ``update_many``."""
+        now = self.now()
+        exhausted = {"$gte": ["$attempts", {"$ifNull": ["$max_attempts", self.options.max_attempts]}]}
+        ttl = self.options.ttl
+        expires = now + timedelta(seconds=ttl) if ttl is not None else None
+        reason = "lease expired while running (worker died or stalled); no attempts left"
+        expired = self.scope() | {"state": State.RUNNING.value, "lease_expires_at": {"$lt": now}}
+        result = await self.collection.update_many(
+            expired,
+            [
+                {
+                    "$set": {
+                        "state": {"$cond": [exhausted, State.FAILED.value, State.CREATED.value]},
+                        "error": {"$cond": [exhausted, reason, "lease expired while running; retrying"]},
+                        "finished_at": {"$cond": [exhausted, now, None]},
+                        "expires_at": {"$cond": [exhausted, expires, None]},
+                        "dedupe_slot": {"$cond": [exhausted, "$$REMOVE", "$dedupe_slot"]},
+                        "run_at": now,
+                        "lease_token": None,
+                        "lease_expires_at": None,
+                    }
+                }
+            ],
+        )
+        if result.modified_count:
+            await driver.remove_fields_after_pipeline(
+                self.collection,
+                self.scope() | {"state": State.FAILED.value, "dedupe_slot": {"$exists": True}},
+                ["dedupe_slot"],
+            )
+        return int(result.modified_count)
+
+    async def unclaimable(self, limit: int) -> list[tuple[dict[str, Any], dict[str, Any], str, str]]:
+        """Documents no claim or recovery would ever pick up, with the guard, field and problem of each."""
+        checks: list[tuple[dict[str, Any], str, str]] = [
+            ({"state": {"$nin": [s.value for s in State]}}, "state", "is not a known state"),
+            ({"state": {"$type": "array"}}, "state", "is an array, not a state"),
+            (
+                {"state": State.CREATED.value, "run_at": {"$not": {"$type": "date"}}},
+                "run_at",
+                "is missing or not a date",
+            ),
+            (
+                {"state": State.RUNNING.value, "lease_expires_at": {"$not": {"$type": "date"}}},
+                "lease_expires_at",
+                "is missing or not a date on a RUNNING task",
+            ),
+        ]
+        found = []
+        for condition, field_name, problem in checks:
+            scoped = self.scope() | condition
+            async for row in self.collection.find(scoped, {field_name: 1}).limit(limit):
+                found.append((row, {"_id": row["_id"], **condition}, field_name, problem))
+        return found
+
+    # -------------------------------------------------------------- admin
+
+    async def count_by_state(self) -> dict[str, int]:
+        pipeline: list[dict[str, Any]] = [{"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+        scope = self.scope()
+        if scope:
+            pipeline.insert(0, {"$match": scope})
+        rows = await driver.aggregate(self.collection, pipeline)
+        return {str(row["_id"]): int(row["n"]) for row in rows if isinstance(row["_id"], str)}
+
+    async def oldest_ready(self, now: datetime) -> datetime | None:
+        row = await self.collection.find_one(self.claim_filter(now), {"run_at": 1}, sort=[("run_at", ASCENDING)])
+        value = row.get("run_at") if row is not None else None
+        return clock.as_utc(value) if isinstance(value, datetime) else None
+
+    def requeueable(self) -> dict[str, Any]:
+        """FAILED tasks that may run again: not failed because of a link, not waiting for one."""
+        return self.scope() | {"state": State.FAILED.value, "dep_failed": None, "dep_blocked": None}
+
+    async def requeue(self, now: datetime) -> int:
+        fields = {
+            "state": State.CREATED.value,
+            "attempts": 0,
+            "run_at": now,
+            "finished_at": None,
+            "expires_at": None,
+            "lease_token": None,  # a fresh, unclaimed task: the last holder's token no longer applies
+        }
+        failed = self.requeueable()
+        result = await self.collection.update_many(failed | {"dedupe_key": None}, {"$set": fields})
+        requeued = int(result.modified_count)
+        async for row in self.collection.find(failed | {"dedupe_key": {"$ne": None}}, {"dedupe_key": 1}):
+            try:
+                outcome = await self.collection.update_one(
+                    {"_id": row["_id"], "state": State.FAILED.value},
+                    {"$set": fields | {"dedupe_slot": row["dedupe_key"]}},
+                )
+                requeued += outcome.modified_count
+            except DuplicateKeyError:
+                log.info(
+                    "%s %s stays FAILED: dedupe_key %r is in flight again", self.name, row["_id"], row["dedupe_key"]
+                )
+        return requeued
+
+    async def delete_in_states(self, states: Iterable[str]) -> int:
+        result = await self.collection.delete_many(self.scope() | {"state": {"$in": sorted(states)}})
+        return int(result.deleted_count)
+
+    # ------------------------------------------------------- dependencies
+
+    def collection_named(self, name: str) -> Any:
+        return driver.primary(self.raw.database[name])
+
+    async def states_of(self, collection_name: str, ids: Sequence[Any]) -> dict[Any, dict[str, Any]]:
+        """State, error and dependents of the given tasks in one collection (missing ids are absent)."""
+        projection = {"state": 1, "error": 1, **ENDED_PROJECTION}
+        cursor = self.collection_named(collection_name).find({"_id": {"$in": list(ids)}}, projection)
+        return {row["_id"]: row async for row in cursor}
+
+    async def register_dependent(self, collection_name: str, ids: Sequence[Any]) -> int:
+        """Tell in-flight dependencies that a dependent in this collection waits; returns how many matched."""
+        result = await self.collection_named(collection_name).update_many(
+            {"_id": {"$in": list(ids)}, "state": {"$in": IN_FLIGHT}},
+            {"$addToSet": {"dependents_in": self.raw.name}, "$set": {"dependents_pending": True}},
+        )
+        return int(result.matched_count)
+
+    async def pending_dependencies(self, limit: int) -> list[dict[str, Any]]:
+        """Ended tasks of this class whose dependents may not all have been told (a finisher died)."""
+        selector = self.scope() | {"dependents_pending": True, "state": {"$in": TERMINAL}}
+        cursor = self.collection.find(selector, {**ENDED_PROJECTION, "state": 1, "error": 1}).limit(limit)
+        return [row async for row in cursor]
+
+    async def parked_page(self, after: Any, limit: int) -> list[dict[str, Any]]:
+        """Parked dependents of this class in ``_id`` order from ``after``: the reconcile sweep's page."""
+        selector = self.scope() | {"dep_blocked": True, "state": State.CREATED.value}
+        if after is not None:
+            selector["_id"] = {"$gt": after}
+        cursor = self.collection.find(selector, {"dep_wait": 1, "dep_links": 1, "dep_run_at": 1, "state": 1})
+        return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
+
+    @property
+    def reconcile_after(self) -> Any:
+        """Where the next reconcile page starts (None: from the first parked task)."""
+        return self._reconcile_after
+
+    @reconcile_after.setter
+    def reconcile_after(self, value: Any) -> None:
+        self._reconcile_after = value
+
+
+# ------------------------------------------------------------------ across collections
+# Dependents may live in any collection of the database, of classes this process never
+# imported: these commands take raw collections.
+
+DEPENDENT_PROJECTION = {"state": 1, "dep_blocked": 1, "dep_links": 1, "dep_run_at": 1, "dep_ttl": 1}
+
+
+async def hold_expiry(ended: Ended) -> None:
+    """Keep a task with dependents to tell out of the TTL monitor's way until they are told."""
+    await driver.primary(ended.collection).update_one(
+        {"_id": ended.id, "dependents_pending": True, "expires_at": {"$ne": None}}, {"$set": {"expires_at": None}}
+    )
+
+
+async def waiting_dependents(collection: Any, dependency_id: Any, after: Any, limit: int) -> list[dict[str, Any]]:
+    """Parked dependents in ``collection`` still waiting for ``dependency_id``, in ``_id`` order from ``after``."""
+    selector: dict[str, Any] = {"dep_wait.i": dependency_id, "dep_blocked": True}
+    if after is not None:
+        selector["_id"] = {"$gt": after}
+    cursor = driver.primary(collection).find(selector, {"dep_wait": {"$elemMatch": {"i": dependency_id}}})
+    return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
+
+
+async def tell(
+    collection: Any, dependent_id: Any, dependency_id: Any, fields: Sequence[str], mark: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Record on a dependent that one dependency ended (``mark`` None: it finished); returns its summary.
+
+    Guarded by the dependency's entry in ``dep_wait``, which the same write removes: a
+    repeat changes nothing and reads the summary instead. None: the dependent is gone.
+    """
+    target = "ok" if mark is None else "bad"
+    update: dict[str, Any] = {
+        "$pull": {"dep_wait": {"i": dependency_id}},
+        "$inc": {f"dep_links.{name}.{target}": 1 for name in fields},
+    }
+    if mark is not None:
+        update["$set"] = {f"dep_links.{name}.cause": mark for name in fields}
+    pinned = driver.primary(collection)
+    snapshot: dict[str, Any] | None = await pinned.find_one_and_update(
+        {"_id": dependent_id, "dep_wait.i": dependency_id},
+        update,
+        projection=DEPENDENT_PROJECTION,
+        return_document=ReturnDocument.AFTER,
+    )
+    if snapshot is None:
+        snapshot = await pinned.find_one({"_id": dependent_id}, DEPENDENT_PROJECTION)
+    return snapshot
+
+
+async def release_parked(collection: Any, dependent_id: Any, run_at: Any) -> bool:
+    result = await driver.primary(collection).update_one(
+        {"_id": dependent_id, "state": State.CREATED.value, "dep_blocked": True},
+        {"$set": {"run_at": run_at}, "$unset": {"dep_blocked": "", "dep_wait": ""}},
+    )
+    return bool(result.modified_count)
+
+
+async def fail_parked(collection: Any, dependent_id: Any, reason: str, ttl: float | None) -> dict[str, Any] | None:
+    """Fail a parked dependent whose links failed; returns what says whether its own dependents wait."""
+    now = clock.now(collection)
+    fields = {
+        "state": State.FAILED.value,
+        "finished_at": now,
+        "expires_at": now + timedelta(seconds=ttl) if ttl is not None else None,
+        "lease_expires_at": None,
+        "error": reason,
+        "dep_failed": True,
+    }
+    found: dict[str, Any] | None = await driver.primary(collection).find_one_and_update(
+        {"_id": dependent_id, "state": State.CREATED.value, "dep_blocked": True},
+        {"$set": fields, "$unset": {"dep_blocked": "", "dedupe_slot": "", "dep_wait": ""}},
+        projection=ENDED_PROJECTION,
+        return_document=ReturnDocument.AFTER,
+    )
+    return found
+
+
+async def dependents_told(ended: Ended, ttl: float | None) -> None:
+    """Every dependent of ``ended`` was told: clear the flag, and let the TTL monitor have it again."""
+    fields: dict[str, Any] = {}
+    if ttl is not None:
+        fields["expires_at"] = clock.now(ended.collection) + timedelta(seconds=ttl)
+    update: dict[str, Any] = {"$unset": {"dependents_pending": ""}}
+    if fields:
+        update["$set"] = fields
+    await driver.primary(ended.collection).update_one(
+        {"_id": ended.id, "state": ended.state, "dependents_pending": True}, update
+    )
+
+
+async def ensure_registered(collection: Any, dependency_id: Any, dependent_collection: str) -> dict[str, Any] | None:
+    """Make sure an in-flight dependency knows a dependent waits in ``dependent_collection``.
+
+    Returns the dependency's state and error when it is no longer in flight (None: it is,
+    and now knows). A missing dependency returns ``{}``.
+    """
+    pinned = driver.primary(collection)
+    registered = await pinned.find_one_and_update(
+        {"_id": dependency_id, "state": {"$in": IN_FLIGHT}},
+        {"$addToSet": {"dependents_in": dependent_collection}, "$set": {"dependents_pending": True}},
+        projection={"_id": 1},
+    )
+    if registered is not None:
+        return None
+    current: dict[str, Any] | None = await pinned.find_one({"_id": dependency_id}, {"state": 1, "error": 1})
+    return current if current is not None else {}
+
+
+# ------------------------------------------------------------------ waiting and schedules
+
+
+async def read_task(collection: Any, task_id: Any) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = await driver.primary(collection).find_one({"_id": task_id})
+    return found
+
+
+def schedules(collection: Any) -> Any:
+    return driver.primary(collection.database[SCHEDULES_COLLECTION])
+
+
+async def schedule_cursor(collection: Any, key: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = await schedules(collection).find_one({"_id": key})
+    return found
+
+
+async def start_schedule(collection: Any, key: str, slot: datetime, describe: str, now: datetime) -> bool:
+    """Create a schedule's cursor at ``slot``; False when another scheduler created it first."""
+    try:
+        await schedules(collection).insert_one({"_id": key, "last_slot": slot, "schedule": describe, "updated_at": now})
+    except DuplicateKeyError:
+        return False
+    return True
+
+
+async def advance_schedule(collection: Any, key: str, last: Any, slot: datetime, describe: str, now: datetime) -> bool:
+    """Compare-and-set a schedule's cursor from ``last`` to ``slot``."""
+    result = await schedules(collection).update_one(
+        {"_id": key, "last_slot": last}, {"$set": {"last_slot": slot, "schedule": describe, "updated_at": now}}
+    )
+    return bool(result.modified_count)
+
+
+# ------------------------------------------------------------------ the registry
+
+_stores: weakref.WeakKeyDictionary[type, Store] = weakref.WeakKeyDictionary()
+_collection_owner: dict[tuple[str, str], type] = {}
+
+
+def register(owner: type, store: Store, *, shares_by_inheritance: bool) -> None:
+    """Record ``store`` as the one for ``owner`` (done by ``init_beanie`` through ``custom_init``).
+
+    Two classes may share a collection only through Beanie inheritance: without a
+    class field their documents could not be told apart.
+    """
+    key = (str(store.raw.database.name), str(store.raw.name))
+    other = _collection_owner.get(key)
+    if not shares_by_inheritance:
+        if other is not None and other is not owner and other.__name__ != owner.__name__:
+            raise NotRegistered(
+                f"{owner.__name__} and {other.__name__} both use collection {store.raw.name!r}; classes share a "
+                "collection only through Beanie inheritance (Settings.is_root = True on their common parent)"
+            )
+        _collection_owner[key] = owner
+    _stores[owner] = store
+
+
+def of(owner: type) -> Store:
+    """The store of a registered class; a class ``init_beanie`` never saw raises ``NotRegistered``."""
+    found = _stores.get(owner)
+    if found is None:
+        raise NotRegistered(
+            f"{owner.__name__} was never registered: pass it to init_beanie(document_models=[..., {owner.__name__}]) "
+            "in this process before pushing, claiming or running it"
+        )
+    return found
+
+
+def is_registered(owner: type) -> bool:
+    return owner in _stores
+
+
+def stores_in(collection_name: str) -> list[Store]:
+    return [s for s in _stores.values() if s.raw.name == collection_name]
