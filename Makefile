@@ -28,10 +28,10 @@ demo: $(VENV)/.installed
 test: check test-beanie2 test-beanie1
 
 test-beanie2: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-beanie1: $(BEANIE1)/.installed
-	$(PY1) -m pytest -q $(PYTEST_ARGS)
+	$(PY1) -m pytest -q -rs $(PYTEST_ARGS)
 
 check: $(VENV)/.installed
 	$(VENV)/bin/ruff check beanie_tasks tests bench

@@ -6,15 +6,15 @@ so a sibling class sharing the collection is never touched.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from beanie_tasks import dependencies
+from beanie_tasks.redact import get_logger
 from beanie_tasks.states import IN_FLIGHT_STATES, State
 from beanie_tasks.store import Store
 
-log = logging.getLogger("beanie_tasks")
+log = get_logger("beanie_tasks")
 
 MAX_SET_ASIDE_PER_ROUND = 100
 

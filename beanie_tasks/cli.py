@@ -71,14 +71,13 @@ class CliError(Exception):
     """A failure to report as one line (already phrased for the operator)."""
 
 
-# URI credentials (user and password) anywhere in a message.
-_URI_CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^\s/@]*@", re.IGNORECASE)
+# The password of the URI in use, also scrubbed where it appears outside a URI.
 _secrets: list[str] = []
 
 
 def redact(text: str) -> str:
-    """``text`` without the user, password or secret options of any MongoDB URI it contains."""
-    return _URI_CREDENTIALS.sub(r"\1***@", scrub(text, _secrets))
+    """``text`` as the CLI may print it: ``beanie_tasks.redact``'s policy, plus the known secrets."""
+    return scrub(text, _secrets)
 
 
 def fail(message: str) -> NoReturn:
@@ -297,9 +296,8 @@ def worker(
             runner.install_signal_handlers()
             names = ", ".join(cls.__name__ for cls in runnable)
             pinned = f", partitions {', '.join(partition)}" if partition else ""
-            err.print(
-                f"worker {runner.consumer_id}: {names} on {connection.database} (concurrency {concurrency}{pinned})"
-            )
+            started = f"worker {runner.consumer_id}: {names} on {connection.database}"
+            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"))
             await runner.run()
         finally:
             await driver.close_client(client)
@@ -372,7 +370,7 @@ def status(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=f"tasks in {connection.database}")
+    table = Table(title=redact(f"tasks in {connection.database}"))
     table.add_column("class")
     for state in State:
         table.add_column(state.value, justify="right")
@@ -564,7 +562,11 @@ def dev_server(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")] = 0,
     storage_path: Annotated[
         str | None,
-        typer.Option("--storage-path", show_default=False, help="Keep the data in this directory (default: memory)."),
+        typer.Option(
+            "--storage-path",
+            show_default=False,
+            help="Keep the data in this directory, synced on every commit (default: memory).",
+        ),
     ] = None,
     database: Annotated[
         str, typer.Option("--database", "-d", help="Database named in the printed URI.")
@@ -581,7 +583,12 @@ def dev_server(
         except EmbeddedServerError as exc:
             fail(str(exc))
         uri = server.uri.replace("/?", f"/{urllib.parse.quote(database)}?", 1)
-        out.print(f"SecantusDB (GPL-2.0) listening on 127.0.0.1:{server.port}; Ctrl-C stops it")
+        kept = f"data in {storage_path}, synced on every commit" if server.syncs_on_commit else "data in memory"
+        out.print(
+            f"SecantusDB (GPL-2.0) listening on 127.0.0.1:{server.port} ({kept}); Ctrl-C stops it",
+            markup=False,
+            soft_wrap=True,
+        )
         out.print(f"export MONGODB_URI='{uri}'", soft_wrap=True)
         sys.stdout.flush()
         while server.process is not None and server.process.poll() is None:

@@ -11,7 +11,6 @@ consumers every ``RESYNC_EVERY`` seconds; an offset over ``WARN_OFFSET`` is logg
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 import weakref
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from beanie_tasks import driver
+from beanie_tasks.redact import get_logger
 
-log = logging.getLogger("beanie_tasks.clock")
+log = get_logger("beanie_tasks.clock")
 
 # A task that may not be claimed yet (it waits for dependencies) is parked here, so the
 # claim filter never needs a second condition and stays served by one index.

@@ -18,7 +18,6 @@ guarded write that any number of callers may repeat.
 
 from __future__ import annotations
 
-import logging
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -30,14 +29,15 @@ from beanie import Document
 from bson import DBRef
 from pydantic import Field, JsonValue
 from pydantic.fields import FieldInfo
-from pymongo.errors import PyMongoError
+from pymongo.errors import InvalidName, PyMongoError
 
 from beanie_tasks import clock, store
 from beanie_tasks.errors import PushError
-from beanie_tasks.states import DependencyType, State
+from beanie_tasks.redact import get_logger
+from beanie_tasks.states import DependencyType, State, state_value
 from beanie_tasks.store import Ended, Store
 
-log = logging.getLogger("beanie_tasks")
+log = get_logger("beanie_tasks")
 
 DELETED = "DELETED"  # the pseudo-state of a dependency that no longer exists
 MAX_REASON = 300
@@ -46,6 +46,8 @@ MAX_REASON = 300
 MAX_LINKS_PER_TASK = 1000
 RECONCILE_EVERY = 60.0  # seconds between two checks of a class's parked tasks, per process
 RECONCILE_BATCH = 500
+# What reading a document's dependency bookkeeping raises when another client wrote garbage there.
+BAD_BOOKKEEPING = (KeyError, TypeError, ValueError, AttributeError, IndexError, InvalidName)
 
 
 class OnFailure(str, Enum):
@@ -189,6 +191,29 @@ def _short(error: Any) -> str | None:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
+def dependents_in(returned: Mapping[str, Any]) -> tuple[str, ...]:
+    """The collections a task's dependents live in, from its stored ``dependents_in``.
+
+    Raises ``TypeError`` on anything but a list of names: bookkeeping nobody can trust.
+    """
+    names = returned.get("dependents_in") or []
+    if not isinstance(names, list) or not all(is_collection_name(name) for name in names):
+        raise TypeError(f"dependents_in is {str(names)[:100]!r}, not a list of collection names")
+    return tuple(names)
+
+
+def is_collection_name(name: Any) -> bool:
+    """Whether ``name`` is a name MongoDB accepts for a collection (what a stored reference must be)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "$" not in name
+        and "\x00" not in name
+        and not name.startswith(".")
+        and not name.endswith(".")
+    )
+
+
 def mark_of(ended: Ended) -> dict[str, Any] | None:
     """What a dependent keeps of a dependency that ended badly (None: it finished)."""
     if ended.state == State.FINISHED.value:
@@ -209,12 +234,12 @@ async def _decide(collection: Any, snapshot: Mapping[str, Any]) -> Ended | None:
         return None
     outcome = verdict(snapshot.get("dep_links") or {})
     if outcome.ready:
-        await store.release_parked(collection, snapshot["_id"], snapshot.get("dep_run_at") or clock.now(collection))
+        await store.release_parked(collection, snapshot, snapshot.get("dep_run_at") or clock.now(collection))
         return None
     if outcome.failure is None:
         return None
     ttl = snapshot.get("dep_ttl")
-    failed = await store.fail_parked(collection, snapshot["_id"], outcome.failure, ttl)
+    failed = await store.fail_parked(collection, snapshot, outcome.failure, ttl)
     if failed is None:
         return None
     log.info("%s %s failed: %s", _class_name(str(collection.name)), snapshot["_id"], outcome.failure)
@@ -225,17 +250,19 @@ async def _decide(collection: Any, snapshot: Mapping[str, Any]) -> Ended | None:
     )
 
 
-async def _tell_one(collection: Any, dependent_id: Any, fields: Sequence[str], ended: Ended) -> Ended | None:
-    snapshot = await store.tell(collection, dependent_id, ended.id, fields, mark_of(ended))
+async def _tell_one(
+    collection: Any, dependent_id: Any, fields: Sequence[str], ended: Ended, found: Mapping[str, Any] | None = None
+) -> Ended | None:
+    snapshot = await store.tell(collection, dependent_id, ended.id, fields, mark_of(ended), found)
     if snapshot is None:
         return None  # the dependent itself was deleted: nothing waits any more
     return await _decide(collection, snapshot)
 
 
-async def _set_aside_dependent(collection: Any, dependent_id: Any, exc: Exception) -> None:
+async def _set_aside_dependent(collection: Any, row: Mapping[str, Any], exc: Exception) -> None:
     reason = f"dependency bookkeeping of this task is malformed ({type(exc).__name__}: {exc}); it was set aside"
-    log.error("%s %s: %s", collection.name, dependent_id, reason)
-    await store.fail_parked(collection, dependent_id, reason[:MAX_REASON], None)
+    log.error("%s %s: %s", collection.name, row["_id"], reason)
+    await store.fail_parked(collection, row, reason[:MAX_REASON], None)
 
 
 async def _tell_all(ended: Ended, ttl: float | None) -> list[Ended]:
@@ -256,9 +283,9 @@ async def _tell_all(ended: Ended, ttl: float | None) -> list[Ended]:
                 try:
                     entry = (row.get("dep_wait") or [{}])[0]
                     fields = [str(f) for f in entry.get("f", [])]
-                    failed = await _tell_one(collection, row["_id"], fields, ended)
-                except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                    await _set_aside_dependent(collection, row["_id"], exc)
+                    failed = await _tell_one(collection, row["_id"], fields, ended, row)
+                except BAD_BOOKKEEPING as exc:
+                    await _set_aside_dependent(collection, row, exc)
                     continue
                 if failed is not None:
                     cascade.append(failed)
@@ -288,9 +315,11 @@ async def after_terminal(
     """
     if not returned or not returned.get("dependents_pending"):
         return
-    ended = Ended(owner.raw, task_id, state, error, tuple(returned.get("dependents_in") or ()))
     try:
+        ended = Ended(owner.raw, task_id, state, error, dependents_in(returned))
         await propagate(ended, owner.options.ttl)
+    except TypeError as exc:
+        log.error("%s %s: %s; its dependents are left to their own repair sweep", owner.name, task_id, exc)
     except PyMongoError as exc:
         log.warning("%s %s: could not tell its dependents yet (%s); the repair sweep will", owner.name, task_id, exc)
 
@@ -347,7 +376,7 @@ class PushPlan:
             states = await self.owner.states_of(name, ids)
             for dependency_id in ids:
                 row = states.get(dependency_id)
-                state = DELETED if row is None else str(row.get("state"))
+                state = DELETED if row is None else state_value(row.get("state"))
                 if state in store.IN_FLIGHT:
                     continue  # requeued in between: it was registered (or will be by the sweep)
                 ended = Ended(self.owner.raw.database[name], dependency_id, state, (row or {}).get("error"))
@@ -415,7 +444,7 @@ async def prepare_push(
                 )
             if "state" not in row:
                 raise PushError(f"{owner_name}.{fields[0]} links {name} {dependency_id}, which is not a task")
-            state = str(row["state"])
+            state = state_value(row["state"])
             if state in store.IN_FLIGHT:
                 pending.setdefault(name, []).append(dependency_id)
                 wait.append({"i": dependency_id, "f": fields})
@@ -430,6 +459,8 @@ async def prepare_push(
                     summary[field_name]["cause"] = mark
     outcome = verdict(summary)
     document["dep_links"] = summary
+    if owner.partition_field is not None:
+        document["dep_pk"] = {owner.partition_field: document.get(owner.partition_field)}
     if owner.options.ttl is not None:
         document["dep_ttl"] = owner.options.ttl
     if outcome.failure is not None:
@@ -467,11 +498,9 @@ async def sweep(owner: Store, *, reconcile: bool | None = None, has_links: bool 
     for row in await owner.pending_dependencies(RECONCILE_BATCH):
         touched += 1
         try:
-            ended = Ended(
-                owner.raw, row["_id"], str(row["state"]), row.get("error"), tuple(row.get("dependents_in") or ())
-            )
+            ended = Ended(owner.raw, row["_id"], state_value(row["state"]), row.get("error"), dependents_in(row))
             await propagate(ended, owner.options.ttl)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except BAD_BOOKKEEPING as exc:
             reason = f"dependents bookkeeping is malformed ({type(exc).__name__}: {exc})"
             log.error("%s %s: %s; cleared", owner.name, row.get("_id"), reason)
             await owner.update_guarded({"_id": row["_id"]}, {"$unset": {"dependents_pending": ""}})
@@ -499,8 +528,8 @@ async def _reconcile(owner: Store) -> int:
     for row in page:
         try:
             touched += await _reconcile_one(owner, row)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            await _set_aside_dependent(owner.raw, row["_id"], exc)
+        except BAD_BOOKKEEPING as exc:
+            await _set_aside_dependent(owner.raw, row, exc)
             touched += 1
     return touched
 
@@ -526,7 +555,7 @@ async def _reconcile_one(owner: Store, row: Mapping[str, Any]) -> int:
         states = await owner.states_of(name, list(edges))
         for dependency_id, fields in edges.items():
             current: Mapping[str, Any] | None = states.get(dependency_id)
-            if current is not None and current.get("state") in store.IN_FLIGHT:
+            if current is not None and state_value(current.get("state")) in store.IN_FLIGHT:
                 known = current.get("dependents_in") or []
                 if current.get("dependents_pending") and isinstance(known, list) and own in known:
                     continue  # in flight, and knows about this dependent
@@ -535,7 +564,7 @@ async def _reconcile_one(owner: Store, row: Mapping[str, Any]) -> int:
                     touched += 1
                     continue
             if current:
-                ended = Ended(collection, dependency_id, str(current.get("state")), current.get("error"))
+                ended = Ended(collection, dependency_id, state_value(current.get("state")), current.get("error"))
             else:
                 ended = Ended(collection, dependency_id, DELETED, None)
                 log.warning("%s %s: its dependency %s %s was deleted", owner.name, row["_id"], name, dependency_id)

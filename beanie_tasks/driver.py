@@ -157,6 +157,18 @@ def only_present(field: str, collection: Any) -> dict[str, Any]:
     return {"partialFilterExpression": {field: {"$type": "string"}}}
 
 
+def unique_among_present(lead: list[tuple[str, Any]], field: str, collection: Any) -> list[tuple[str, Any]]:
+    """The keys of a unique index over ``field`` within ``lead`` (partition, class), for documents having ``field``.
+
+    mongomock can only emulate "documents having the field" with a sparse index, and a
+    sparse compound index holds every document that has any of its keys: there the
+    index is on ``field`` alone, so uniqueness is not scoped by partition or class.
+    """
+    if not traits(collection).partial_indexes:
+        return [(field, 1)]
+    return [*lead, (field, 1)]
+
+
 def only_flagged(field: str, collection: Any) -> dict[str, Any]:
     """Index options that keep only documents where ``field`` is true (sparse on mongomock)."""
     if not traits(collection).partial_indexes:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SERVER_COMMAND = "secantusd-py"
+MEMORY = ":memory:"
 
 
 class EmbeddedServerError(RuntimeError):
@@ -70,8 +71,14 @@ def server_launcher(ttl_sweep_seconds: float) -> list[str]:
 class EmbeddedServer:
     """One ``secantusd-py`` process on 127.0.0.1.
 
-    ``storage_path=None`` keeps data in memory; a path keeps it across restarts, which
-    the fault tests use to stop and start the same server.
+    ``storage_path=None`` (or ``":memory:"``) keeps data in memory; a path keeps it across
+    restarts, which the fault tests use to stop and start the same server.
+
+    ``durable`` starts the server with ``--sync-on-commit``: every write is synced to its
+    log before it is acknowledged, so an acknowledged write survives a SIGKILL, at the cost
+    of slower writes (without it, writes acknowledged milliseconds before a kill are lost).
+    ``None``, the default, means durable exactly when the data is on disk; ``:memory:``
+    keeps nothing across a stop anyway, so it stays fast.
     """
 
     port: int = field(default_factory=free_port)
@@ -79,9 +86,20 @@ class EmbeddedServer:
     host: str = "127.0.0.1"
     ttl_sweep_seconds: float = 60.0
     enable_test_commands: bool = False
+    durable: bool | None = None
     log_path: str | None = None
     process: subprocess.Popen[bytes] | None = None
+    command: list[str] = field(default_factory=list, init=False, repr=False)  # what start() last ran
     _config_dir: str | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return self.storage_path in (None, MEMORY)
+
+    @property
+    def syncs_on_commit(self) -> bool:
+        """Whether the server is (to be) started with ``--sync-on-commit``."""
+        return not self.in_memory if self.durable is None else self.durable
 
     @property
     def uri(self) -> str:
@@ -98,11 +116,14 @@ class EmbeddedServer:
             "--config", str(config),
             "--host", self.host,
             "--port", str(self.port),
-            "--storage-path", self.storage_path or ":memory:",
+            "--storage-path", self.storage_path or MEMORY,
             "--log-level", "WARNING",
         ]  # fmt: skip
         if self.enable_test_commands:
             command.append("--enable-test-commands")
+        if self.syncs_on_commit:
+            command.append("--sync-on-commit")
+        self.command = command
         log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         log.close()

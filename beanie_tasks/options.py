@@ -7,13 +7,20 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from croniter import croniter
 
 from beanie_tasks.retry import Backoff
 
 Seconds = float
+# What a scheduler does with the slots it finds it missed (a worker was down, a long pause).
+MissedPolicy = Literal["skip", "catch_up"]
+MISSED_POLICIES: tuple[MissedPolicy, ...] = ("skip", "catch_up")
+# The most slots one catch-up may schedule: each is a push and a cursor update, one after
+# the other, so a higher bound would let a single tick run for minutes.
+MAX_CATCH_UP = 10_000
+EXECUTORS = ("thread", "process")
 
 
 def _seconds(name: str, value: Any, *, allow_none: bool = False) -> Seconds | None:
@@ -44,6 +51,11 @@ def _check_schedule(options: TaskOptions) -> None:
         if every is not None and every < 1:
             raise ValueError(f"TaskSettings.every must be at least 1 second, got {every!r}")
         object.__setattr__(options, "every", every)
+    if options.missed not in MISSED_POLICIES:
+        raise ValueError(f"TaskSettings.missed must be 'skip' or 'catch_up', got {options.missed!r}")
+    limit = options.catch_up_limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_CATCH_UP:
+        raise ValueError(f"TaskSettings.catch_up_limit must be a whole number from 1 to {MAX_CATCH_UP}, got {limit!r}")
 
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
@@ -109,6 +121,11 @@ class TaskOptions:
     visibility_timeout: Seconds = 60.0
     heartbeat_interval: Seconds | None = None
     max_attempts: int = 1
+    # A task whose lease expires (its worker died or stalled) is delivered again this many
+    # times, on top of max_attempts, before it ends FAILED; 0 makes a lost lease final.
+    max_redeliveries: int = 3
+    # How a plain ``def run()`` runs: in a worker thread, or in a child process the worker can kill.
+    executor: str = "thread"
     backoff: Backoff = field(default_factory=Backoff)
     timeout: Seconds | None = None
     ttl: Seconds | None = None
@@ -117,6 +134,10 @@ class TaskOptions:
     # Periodic tasks (schedule.py): a cron expression (UTC, croniter syntax) or a fixed interval.
     cron: str | None = None
     every: Seconds | None = None
+    # Slots a late tick finds missed: "skip" schedules only the latest and logs the rest,
+    # "catch_up" schedules each one, oldest first, at most ``catch_up_limit`` (the newest ones).
+    missed: MissedPolicy = "skip"
+    catch_up_limit: int = 100
     # Worker and limits (worker.py, limits.py): runs of this class at once in one worker,
     # a class-wide start rate, a start rate per ``rate_limit_key``, a RUNNING cap per ``concurrency_key``.
     concurrency: int | None = None
@@ -135,6 +156,12 @@ class TaskOptions:
             raise TypeError(f"TaskSettings.max_attempts must be an int, got {self.max_attempts!r}")
         if self.max_attempts < 1:
             raise ValueError("TaskSettings.max_attempts must be >= 1")
+        if isinstance(self.max_redeliveries, bool) or not isinstance(self.max_redeliveries, int):
+            raise TypeError(f"TaskSettings.max_redeliveries must be an int, got {self.max_redeliveries!r}")
+        if self.max_redeliveries < 0:
+            raise ValueError("TaskSettings.max_redeliveries must be >= 0")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"TaskSettings.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if not isinstance(self.backoff, Backoff):
             raise TypeError("TaskSettings.backoff must be a beanie_tasks.Backoff")
         if self.heartbeat_interval is not None and self.heartbeat_interval >= self.visibility_timeout:

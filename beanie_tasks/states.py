@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum, IntEnum
+from typing import Any
 
 
 class State(str, Enum):
@@ -36,3 +37,8 @@ class DependencyType(str, Enum):
     DIRECT = "DIRECT"
     ALL_OF = "ALL_OF"
     ANY_OF = "ANY_OF"
+
+
+def state_value(stored: Any) -> str:
+    """A stored state as its plain string (mongomock hands back the enum it was given)."""
+    return stored.value if isinstance(stored, Enum) else str(stored)

@@ -54,7 +54,6 @@ Other collections of the database
 
 from __future__ import annotations
 
-import logging
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -62,16 +61,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from bson.errors import InvalidBSON
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from beanie_tasks import clock, driver
 from beanie_tasks.errors import NotRegistered
 from beanie_tasks.limits import LIMITS_COLLECTION, MAX_CANDIDATES, Grant, KeyBlocks, LimitPolicy
 from beanie_tasks.options import RateLimit, TaskOptions
-from beanie_tasks.states import IN_FLIGHT_STATES, TERMINAL_STATES, State
+from beanie_tasks.redact import get_logger
+from beanie_tasks.states import IN_FLIGHT_STATES, TERMINAL_STATES, State, state_value
 
-log = logging.getLogger("beanie_tasks")
+log = get_logger("beanie_tasks")
 
 CLAIM_INDEX = "bt_claim"
 CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
@@ -85,6 +86,19 @@ PAGE = 500
 # A batch claim that lost every candidate to other consumers looks again this many times.
 CLAIM_ROUNDS = 3
 MAX_BATCH = 1000
+
+
+# Server error codes that name the document a write was for, not the server or the command:
+# a counter that is not a number (TypeMismatch), a document over the size limit after the update.
+DOCUMENT_REFUSALS = frozenset({14, 10334, 17419})
+
+# The key marking a claimed document the driver could not decode: the claim took it,
+# so the caller sets it aside by its lease token instead of leaving it RUNNING.
+UNDECODABLE = "__beanie_tasks_undecodable__"
+
+
+def undecodable(task_id: Any, token: str, error: Exception) -> dict[str, Any]:
+    return {"_id": task_id, "lease_token": token, UNDECODABLE: f"{type(error).__name__}: {error}"[:300]}
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,8 @@ class Store:
         self.blocks = KeyBlocks()
         self.limit_scope = f"{collection.name}:{name}"
         self._reconcile_after: Any = None
+        # Tokens of claims whose reply was lost and whose undo could not be sent yet.
+        self.undo_later: set[str] = set()
 
     # ------------------------------------------------------------ scope
 
@@ -148,17 +164,21 @@ class Store:
 
     def index_models(self) -> list[IndexModel]:
         lead = [(self.partition_field, ASCENDING)] if self.partition_field else []
-        if self.class_field is not None:
-            lead.append((self.class_field, ASCENDING))
+        scope = [(self.class_field, ASCENDING)] if self.class_field is not None else []
+        lead += scope
         collection = self.raw
         return [
             IndexModel(
                 [*lead, ("state", ASCENDING), ("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)],
                 name=CLAIM_INDEX,
             ),
-            IndexModel([*lead, ("state", ASCENDING), ("lease_expires_at", ASCENDING)], name="bt_lease"),
+            # Lease recovery is never pinned to a partition: only the class leads.
             IndexModel(
-                [*lead, ("dedupe_slot", ASCENDING)],
+                [*lead[len(lead) - len(scope) :], ("state", ASCENDING), ("lease_expires_at", ASCENDING)],
+                name="bt_lease",
+            ),
+            IndexModel(
+                driver.unique_among_present(lead, "dedupe_slot", collection),
                 name="bt_dedupe",
                 unique=True,
                 **driver.only_present("dedupe_slot", collection),
@@ -224,7 +244,12 @@ class Store:
         selector: dict[str, Any] = {}
         if self.partition_field is not None and partition is not None:
             selector[self.partition_field] = partition
-        return selector | self.scope() | {"state": State.CREATED.value, "run_at": {"$lte": now}}
+        # "state.0" exists only on an array, which an equality on "state" would match too.
+        return (
+            selector
+            | self.scope()
+            | {"state": State.CREATED.value, "state.0": {"$exists": False}, "run_at": {"$lte": now}}
+        )
 
     def _claim_update(self, now: datetime, consumer_id: str, token: str) -> dict[str, Any]:
         return {
@@ -272,15 +297,49 @@ class Store:
             return claimed
         if count == 1:
             now = self.now()
-            document = await self.collection.find_one_and_update(
+            token = lease_token or uuid.uuid4().hex
+            document = await self._claim_one(
                 self.claim_filter(now, partition),
-                self._claim_update(now, consumer_id, lease_token or uuid.uuid4().hex),
+                self._claim_update(now, consumer_id, token),
+                token,
                 sort=CLAIM_SORT,
-                return_document=ReturnDocument.AFTER,
                 **self._hint(partition),
             )
             return [document] if document is not None else []
         return await self._claim_many(consumer_id, count, partition, lease_token)
+
+    async def _claim_one(
+        self, selector: dict[str, Any], update: dict[str, Any], token: str, **options: Any
+    ) -> dict[str, Any] | None:
+        """One claiming ``findAndModify``. A lost reply is undone by its token; an undecodable one is marked.
+
+        The token was chosen before the command, so if the reply never arrives (a dropped
+        connection, a write concern error) the task it may have taken is given back at once,
+        unspent, rather than left RUNNING under a lease nobody holds.
+        """
+        try:
+            found: dict[str, Any] | None = await self.collection.find_one_and_update(
+                selector, update, return_document=ReturnDocument.AFTER, **options
+            )
+        except InvalidBSON as exc:
+            return undecodable(None, token, exc)
+        except PyMongoError:
+            await self.undo_quietly(token)
+            raise
+        return found
+
+    async def undo_quietly(self, token: str) -> None:
+        """``undo_claim``, or remember the token for ``retry_undos`` when the server cannot be reached."""
+        try:
+            await self.undo_claim(token)
+        except PyMongoError:
+            self.undo_later.add(token)
+
+    async def retry_undos(self) -> None:
+        """Give back the tasks of claims whose reply was lost while the server was unreachable."""
+        for token in sorted(self.undo_later):
+            await self.undo_claim(token)
+            self.undo_later.discard(token)
 
     async def _claim_many(
         self, consumer_id: str, count: int, partition: Any, lease_token: str | None
@@ -293,13 +352,38 @@ class Store:
             if not candidates:
                 return []
             token = lease_token or uuid.uuid4().hex
-            result = await self.collection.update_many(
-                ready | {"_id": {"$in": candidates}}, self._claim_update(now, consumer_id, token)
-            )
+            try:
+                result = await self.collection.update_many(
+                    ready | {"_id": {"$in": candidates}}, self._claim_update(now, consumer_id, token)
+                )
+            except PyMongoError:
+                await self.undo_quietly(token)
+                raise
             if result.modified_count == 0:
                 continue  # every candidate went to another consumer: look again
-            return [doc async for doc in self.collection.find({"_id": {"$in": candidates}, "lease_token": token})]
+            return await self._read_claimed(candidates, token)
         return []
+
+    async def _read_claimed(self, candidates: list[Any], token: str) -> list[dict[str, Any]]:
+        """The documents a batch claim won; one the driver cannot decode comes back marked, by id."""
+        try:
+            return [doc async for doc in self.collection.find({"_id": {"$in": candidates}, "lease_token": token})]
+        except InvalidBSON:
+            pass
+        except PyMongoError:
+            await self.undo_quietly(token)
+            raise
+        won = [row["_id"] async for row in self.collection.find({"lease_token": token}, {"_id": 1})]
+        documents: list[dict[str, Any]] = []
+        for task_id in won:
+            try:
+                document = await self.collection.find_one({"_id": task_id, "lease_token": token})
+            except InvalidBSON as exc:
+                documents.append(undecodable(task_id, token, exc))
+                continue
+            if document is not None:
+                documents.append(document)
+        return documents
 
     async def _claim_limited(self, consumer_id: str, partition: Any) -> dict[str, Any] | None:
         """Read the next candidate, take what its limits need, then claim exactly it under that token.
@@ -323,13 +407,17 @@ class Store:
             grant = await self.acquire(candidate.get("rate_limit_key"), candidate.get("concurrency_key"), token)
             if grant is None:
                 continue  # that key is now skipped: look at the next candidate
-            document = await self.collection.find_one_and_update(
-                self.claim_filter(now, partition) | {"_id": candidate["_id"]},
-                self._claim_update(now, consumer_id, token),
-                return_document=ReturnDocument.AFTER,
-            )
+            try:
+                document = await self._claim_one(
+                    self.claim_filter(now, partition) | {"_id": candidate["_id"]},
+                    self._claim_update(now, consumer_id, token),
+                    token,
+                )
+            except PyMongoError:
+                await self.undo(grant)
+                raise
             if document is not None:
-                return dict(document)
+                return document
             await self.undo(grant)  # another consumer was faster
         return None
 
@@ -517,20 +605,37 @@ class Store:
     # ----------------------------------------------------------- recovery
 
     async def recover_expired(self) -> int:
-        """Return tasks whose lease expired to CREATED, or FAILED when no attempts remain: one ``update_many``."""
+        """Deliver again tasks whose lease expired, or end them FAILED past ``max_redeliveries``: one ``update_many``.
+
+        A lost lease gives its attempt back (``max_attempts`` counts the handler's own
+        failures) and counts a redelivery instead, so a crashed worker's task runs again
+        by default while a task that keeps killing its workers still ends, FAILED.
+        """
         now = self.now()
-        exhausted = {"$gte": ["$attempts", {"$ifNull": ["$max_attempts", self.options.max_attempts]}]}
+        limit = self.options.max_redeliveries
+        redeliveries = {"$ifNull": ["$redeliveries", 0]}
+        exhausted = {"$gte": [redeliveries, limit]}
         ttl = self.options.ttl
         expires = now + timedelta(seconds=ttl) if ttl is not None else None
-        reason = "lease expired while running (worker died or stalled); no attempts left"
-        expired = self.scope() | {"state": State.RUNNING.value, "lease_expires_at": {"$lt": now}}
+        reason = (
+            f"lease expired while running (worker died or stalled) {limit + 1} time(s); not delivered again"
+            if limit
+            else "lease expired while running (worker died or stalled); max_redeliveries is 0"
+        )
+        expired = self.scope() | {
+            "state": State.RUNNING.value,
+            "lease_expires_at": {"$lt": now},
+            "attempts": {"$type": "number"},  # anything else is set aside by the unclaimable sweep
+        }
         result = await self.collection.update_many(
             expired,
             [
                 {
                     "$set": {
                         "state": {"$cond": [exhausted, State.FAILED.value, State.CREATED.value]},
-                        "error": {"$cond": [exhausted, reason, "lease expired while running; retrying"]},
+                        "error": {"$cond": [exhausted, reason, "lease expired while running; delivered again"]},
+                        "attempts": {"$max": [0, {"$subtract": ["$attempts", 1]}]},
+                        "redeliveries": {"$cond": [exhausted, redeliveries, {"$add": [redeliveries, 1]}]},
                         "finished_at": {"$cond": [exhausted, now, None]},
                         "expires_at": {"$cond": [exhausted, expires, None]},
                         "dedupe_slot": {"$cond": [exhausted, "$$REMOVE", "$dedupe_slot"]},
@@ -549,6 +654,30 @@ class Store:
             )
         return int(result.modified_count)
 
+    async def undo_claim(self, token: str) -> int:
+        """Give back, unspent, the tasks a claim took under ``token`` whose reply never arrived.
+
+        Nobody holds that token (the caller never learnt which tasks it won), so no handler
+        can have started: the tasks are CREATED again with their attempt refunded.
+        """
+        result = await self.collection.update_many(
+            {"lease_token": token, "state": State.RUNNING.value},
+            {
+                "$set": {"state": State.CREATED.value, "lease_token": None, "lease_expires_at": None},
+                "$inc": {"attempts": -1},
+            },
+        )
+        if result.modified_count:
+            log.warning("%s: gave back %d task(s) whose claim reply was lost", self.name, result.modified_count)
+        return int(result.modified_count)
+
+    async def next_candidate(self, partition: Any = None) -> dict[str, Any] | None:
+        """The document the claim would take next (for naming one whose claim the server refused)."""
+        found: dict[str, Any] | None = await self.collection.find_one(
+            self.claim_filter(self.now(), partition), {"_id": 1}, sort=CLAIM_SORT, **self._hint(partition)
+        )
+        return found
+
     async def unclaimable(self, limit: int) -> list[tuple[dict[str, Any], dict[str, Any], str, str]]:
         """Documents no claim or recovery would ever pick up, with the guard, field and problem of each."""
         checks: list[tuple[dict[str, Any], str, str]] = [
@@ -563,6 +692,11 @@ class Store:
                 {"state": State.RUNNING.value, "lease_expires_at": {"$not": {"$type": "date"}}},
                 "lease_expires_at",
                 "is missing or not a date on a RUNNING task",
+            ),
+            (
+                {"state": {"$in": IN_FLIGHT}, "attempts": {"$exists": True, "$not": {"$type": "number"}}},
+                "attempts",
+                "is not a number",
             ),
         ]
         found = []
@@ -579,8 +713,12 @@ class Store:
         scope = self.scope()
         if scope:
             pipeline.insert(0, {"$match": scope})
-        rows = await driver.aggregate(self.collection, pipeline)
-        return {str(row["_id"]): int(row["n"]) for row in rows if isinstance(row["_id"], str)}
+        counts: dict[str, int] = {}
+        for row in await driver.aggregate(self.collection, pipeline):
+            if isinstance(row["_id"], str):
+                state = state_value(row["_id"])
+                counts[state] = counts.get(state, 0) + int(row["n"])
+        return counts
 
     async def oldest_ready(self, now: datetime) -> datetime | None:
         row = await self.collection.find_one(self.claim_filter(now), {"run_at": 1}, sort=[("run_at", ASCENDING)])
@@ -650,7 +788,8 @@ class Store:
         selector = self.scope() | {"dep_blocked": True, "state": State.CREATED.value}
         if after is not None:
             selector["_id"] = {"$gt": after}
-        cursor = self.collection.find(selector, {"dep_wait": 1, "dep_links": 1, "dep_run_at": 1, "state": 1})
+        projection = {"dep_wait": 1, "dep_links": 1, "dep_run_at": 1, "dep_ttl": 1, "dep_pk": 1, "state": 1}
+        cursor = self.collection.find(selector, projection)
         return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
 
     @property
@@ -667,7 +806,14 @@ class Store:
 # Dependents may live in any collection of the database, of classes this process never
 # imported: these commands take raw collections.
 
-DEPENDENT_PROJECTION = {"state": 1, "dep_blocked": 1, "dep_links": 1, "dep_run_at": 1, "dep_ttl": 1}
+DEPENDENT_PROJECTION = {"state": 1, "dep_blocked": 1, "dep_links": 1, "dep_run_at": 1, "dep_ttl": 1, "dep_pk": 1}
+
+
+def dependent_key(dependent_id: Any, snapshot: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A dependent's ``_id`` and, for a partitioned class, its partition key (``dep_pk``), so the write
+    is routed to one shard by a process that never imported the dependent's class."""
+    key = (snapshot or {}).get("dep_pk")
+    return {"_id": dependent_id} | (dict(key) if isinstance(key, Mapping) else {})
 
 
 async def hold_expiry(ended: Ended) -> None:
@@ -682,12 +828,18 @@ async def waiting_dependents(collection: Any, dependency_id: Any, after: Any, li
     selector: dict[str, Any] = {"dep_wait.i": dependency_id, "dep_blocked": True}
     if after is not None:
         selector["_id"] = {"$gt": after}
-    cursor = driver.primary(collection).find(selector, {"dep_wait": {"$elemMatch": {"i": dependency_id}}})
+    projection = {"dep_wait": {"$elemMatch": {"i": dependency_id}}, "dep_pk": 1}
+    cursor = driver.primary(collection).find(selector, projection)
     return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
 
 
 async def tell(
-    collection: Any, dependent_id: Any, dependency_id: Any, fields: Sequence[str], mark: dict[str, Any] | None
+    collection: Any,
+    dependent_id: Any,
+    dependency_id: Any,
+    fields: Sequence[str],
+    mark: dict[str, Any] | None,
+    found: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Record on a dependent that one dependency ended (``mark`` None: it finished); returns its summary.
 
@@ -703,25 +855,27 @@ async def tell(
         update["$set"] = {f"dep_links.{name}.cause": mark for name in fields}
     pinned = driver.primary(collection)
     snapshot: dict[str, Any] | None = await pinned.find_one_and_update(
-        {"_id": dependent_id, "dep_wait.i": dependency_id},
+        dependent_key(dependent_id, found) | {"dep_wait.i": dependency_id},
         update,
         projection=DEPENDENT_PROJECTION,
         return_document=ReturnDocument.AFTER,
     )
     if snapshot is None:
-        snapshot = await pinned.find_one({"_id": dependent_id}, DEPENDENT_PROJECTION)
+        snapshot = await pinned.find_one(dependent_key(dependent_id, found), DEPENDENT_PROJECTION)
     return snapshot
 
 
-async def release_parked(collection: Any, dependent_id: Any, run_at: Any) -> bool:
+async def release_parked(collection: Any, snapshot: Mapping[str, Any], run_at: Any) -> bool:
     result = await driver.primary(collection).update_one(
-        {"_id": dependent_id, "state": State.CREATED.value, "dep_blocked": True},
+        dependent_key(snapshot["_id"], snapshot) | {"state": State.CREATED.value, "dep_blocked": True},
         {"$set": {"run_at": run_at}, "$unset": {"dep_blocked": "", "dep_wait": ""}},
     )
     return bool(result.modified_count)
 
 
-async def fail_parked(collection: Any, dependent_id: Any, reason: str, ttl: float | None) -> dict[str, Any] | None:
+async def fail_parked(
+    collection: Any, snapshot: Mapping[str, Any], reason: str, ttl: float | None
+) -> dict[str, Any] | None:
     """Fail a parked dependent whose links failed; returns what says whether its own dependents wait."""
     now = clock.now(collection)
     fields = {
@@ -733,7 +887,7 @@ async def fail_parked(collection: Any, dependent_id: Any, reason: str, ttl: floa
         "dep_failed": True,
     }
     found: dict[str, Any] | None = await driver.primary(collection).find_one_and_update(
-        {"_id": dependent_id, "state": State.CREATED.value, "dep_blocked": True},
+        dependent_key(snapshot["_id"], snapshot) | {"state": State.CREATED.value, "dep_blocked": True},
         {"$set": fields, "$unset": {"dep_blocked": "", "dedupe_slot": "", "dep_wait": ""}},
         projection=ENDED_PROJECTION,
         return_document=ReturnDocument.AFTER,

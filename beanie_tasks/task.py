@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -22,8 +21,17 @@ from beanie import Document, PydanticObjectId
 from beanie.odm.fields import ExpressionField
 from beanie.odm.utils.dump import get_dict
 from beanie.odm.utils.encoder import Encoder
+from bson.errors import InvalidDocument
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
-from pymongo.errors import ConnectionFailure, DocumentTooLarge, DuplicateKeyError, PyMongoError, WriteError
+from pymongo.errors import (
+    ConnectionFailure,
+    DocumentTooLarge,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+    WriteError,
+)
 from typing_extensions import Self
 
 from beanie_tasks import admin, clock, dependencies, driver
@@ -31,12 +39,12 @@ from beanie_tasks import store as storage
 from beanie_tasks.clock import FAR_FUTURE, UtcDatetime, as_utc, utcnow
 from beanie_tasks.errors import LeaseLost, PushError, TaskCancelled, TaskFailed, TransitionError, WaitTimeout
 from beanie_tasks.options import TaskOptions
-from beanie_tasks.redact import redact_text
+from beanie_tasks.redact import get_logger, redact_text
 from beanie_tasks.states import PRIORITY_RANGE, TERMINAL_STATES, Priority, State
 from beanie_tasks.store import Store
-from beanie_tasks.wakeup import Wakeup
+from beanie_tasks.wakeup import Wakeup, watch_end
 
-log = logging.getLogger("beanie_tasks")
+log = get_logger("beanie_tasks")
 
 __all__ = ["FAR_FUTURE", "Outage", "Task", "as_utc", "claim", "default_consumer_id", "describe_error", "utcnow"]
 
@@ -147,6 +155,8 @@ class Task(Document):
     run_at: UtcDatetime | None = None
     attempts: int = Field(default=0, ge=0)
     max_attempts: int | None = Field(default=None, ge=1)
+    # Times the task was delivered again because its lease expired (its worker died or stalled).
+    redeliveries: int = Field(default=0, ge=0)
     dedupe_key: str | None = Field(default=None, min_length=1)
     result: Any = None
     error: str | None = None
@@ -417,15 +427,21 @@ class Task(Document):
                 while stop is None or not stop.is_set():
                     try:
                         if loop.time() >= next_sweep:
-                            await cls.set_aside_unclaimable()
                             next_sweep = loop.time() + SWEEP_EVERY_RECOVERIES * options.recovery_interval
+                            await cls.set_aside_unclaimable()
                         if loop.time() >= next_recovery:
-                            await clock.refresh(task_store.raw)
-                            await cls.recover_expired()
                             next_recovery = loop.time() + options.recovery_interval
+                            await clock.refresh(task_store.raw)
+                            await task_store.retry_undos()
+                            await cls.recover_expired()
                         task = await cls.pop(consumer_id=consumer_id, partition=partition)
                     except ConnectionFailure as exc:
                         # The server is down or unreachable: keep trying, never give up the loop.
+                        await outage.wait(exc, stop)
+                        continue
+                    except PyMongoError as exc:
+                        # A refusal no set-aside could clear: report it, back off, never raise into the loop.
+                        log.error("%s: the queue's command failed: %s", cls.__name__, redact_text(str(exc)))
                         await outage.wait(exc, stop)
                         continue
                     outage.over()
@@ -508,7 +524,16 @@ class Task(Document):
             "result": Encoder(to_db=True).encode(result)
         }
         mine = {"state": State.FINISHED.value, "lease_token": self.lease_token}
-        await self._apply({"$set": fields, "$unset": {"dedupe_slot": ""}}, "finish", done=mine)
+        try:
+            await self._apply({"$set": fields, "$unset": {"dedupe_slot": ""}}, "finish", done=mine)
+        except (InvalidDocument, OverflowError, DocumentTooLarge) as exc:
+            await self.fail(f"result could not be stored: {describe_error(exc)}", retry=False)
+            return
+        except WriteError as exc:
+            if exc.code != BSON_OBJECT_TOO_LARGE:
+                raise
+            await self.fail(f"result could not be stored: {describe_error(exc)}", retry=False)
+            return
         self._adopt(fields | {"result": result})
         self._settled = True
         await self._leave_running(self.lease_token)
@@ -663,6 +688,10 @@ class Task(Document):
             return
         if exc is None:
             await self.finish()
+        elif isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            # The consumer was stopped, not the task: give it back unspent, even while being cancelled.
+            with contextlib.suppress(asyncio.CancelledError, TransitionError):
+                await asyncio.shield(self.release())
         else:
             await self.fail(exc)
 
@@ -692,8 +721,9 @@ class Task(Document):
         deadline = loop.time() + as_delay(timeout).total_seconds() if timeout is not None else None
         collection = self.collection()
         name = f"{type(self).__name__} {self.id}"
-        wakeup = Wakeup(collection, pipeline=[{"$match": {"documentKey._id": self.id}}], max_poll=poll_interval)
-        async with wakeup:
+
+        remaining = deadline - loop.time() if deadline is not None else None
+        async with watch_end(collection, self.id, max_poll=poll_interval, timeout=remaining) as ending:
             while True:
                 document = await storage.read_task(collection, self.id)
                 if document is None:
@@ -708,14 +738,14 @@ class Task(Document):
                     state = document.get("state")
                     waited = as_delay(timeout).total_seconds()
                     raise WaitTimeout(f"{name} is still {getattr(state, 'value', state)} after {waited:g} s")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), remaining)
+                await ending.wait(remaining)
 
     # ------------------------------------------------------------- recovery
 
     @classmethod
     async def recover_expired(cls) -> int:
-        """Return tasks whose lease expired to CREATED, or to FAILED when no attempts remain.
+        """Deliver again tasks whose lease expired (their attempt given back), or end them FAILED
+        once they were delivered ``max_redeliveries`` times.
 
         One ``update_many``; returns how many tasks were recovered. Then tells the
         dependents of this class's tasks whose finisher died before telling them.
@@ -809,12 +839,28 @@ async def claim(
     tasks: list[T] = []
     for _ in range(MAX_QUARANTINES_PER_POP):
         wanted = count - len(tasks)
-        documents = await task_store.claim(
-            consumer, count=wanted, partition=partition, lease_token=lease_token, ignore_limits=ignore_limits
-        )
+        try:
+            documents = await task_store.claim(
+                consumer, count=wanted, partition=partition, lease_token=lease_token, ignore_limits=ignore_limits
+            )
+        except OperationFailure as exc:
+            if exc.code not in storage.DOCUMENT_REFUSALS or isinstance(exc, WriteConcernError):
+                raise
+            # The server refused the claim's update (a counter that is not a number, a document at
+            # the 16 MB limit): set the document it was for aside, and claim the next one.
+            if not await set_aside_unupdatable(task_store, partition, exc):
+                raise
+            continue
         if not documents:
             break
         for document in documents:
+            if storage.UNDECODABLE in document:
+                reason = f"claimed document could not be decoded ({document[storage.UNDECODABLE]}); it was not run"
+                guard = {"lease_token": document["lease_token"], "state": State.RUNNING.value}
+                if document.get("_id") is not None:
+                    guard["_id"] = document["_id"]
+                await admin.set_aside(task_store, {"_id": document.get("_id")}, reason, guard)
+                continue
             foreign = foreign_reason(task_class, document)
             if foreign is not None:
                 await admin.set_aside(task_store, document, foreign)
@@ -826,3 +872,18 @@ async def claim(
         if len(tasks) >= count or len(documents) < wanted:
             break
     return tasks
+
+
+async def set_aside_unupdatable(task_store: Store, partition: Any, error: OperationFailure) -> bool:
+    """Set aside the next claim candidate, which the server just refused to update; False if there is none."""
+    culprit = await task_store.next_candidate(partition)
+    if culprit is None:
+        return False
+    reason = f"the claim could not update this document ({redact_text(describe_error(error) or '')[:200]}); not run"
+    guard = {"_id": culprit["_id"], "state": State.CREATED.value}
+    try:
+        return await admin.set_aside(task_store, culprit, reason, guard)
+    except OperationFailure:
+        # Even the set-aside is refused (a document at the size limit): the smallest write that takes it
+        # out of the queue ("FAILED" is shorter than "CREATED").
+        return await task_store.update_guarded(guard, {"$set": {"state": State.FAILED.value}})

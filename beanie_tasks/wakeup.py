@@ -1,17 +1,26 @@
-"""Waking idle consumers: a change stream where the server has one, else polling with backoff."""
+"""Waking idle consumers: a change stream where the server has one, else polling with backoff.
+
+``Wakeup`` wakes a consumer when something becomes claimable. ``watch_end`` wakes a
+``Task.wait`` when its task may have ended; every waiter on one collection shares one
+change stream (per event loop and client), so waiters cost no connection of their own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import random
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import bson
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from beanie_tasks.driver import open_change_stream, primary
+from beanie_tasks.redact import get_logger
+from beanie_tasks.states import TERMINAL_STATES
 
-log = logging.getLogger("beanie_tasks.wakeup")
+log = get_logger("beanie_tasks.wakeup")
 
 # Seconds between attempts to reopen a change stream that a lost connection closed.
 REOPEN_AFTER = 5.0
@@ -151,3 +160,233 @@ class Wakeup:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+# ------------------------------------------------------------------ waiting for a task's end
+
+# The changes that can end a task: an update that sets a terminal state, and anything but
+# an insert or an update (a replace, a delete; a drop or rename, which name no document).
+# Only the document's key and the changed state are kept (``_id``, the resume token, must stay).
+ENDING_CHANGES: list[dict[str, Any]] = [
+    {
+        "$match": {
+            "$or": [
+                {
+                    "operationType": "update",
+                    "updateDescription.updatedFields.state": {"$in": sorted(s.value for s in TERMINAL_STATES)},
+                },
+                {"operationType": {"$nin": ["insert", "update"]}},
+            ]
+        }
+    },
+    {"$project": {"documentKey": 1, "updateDescription.updatedFields.state": 1}},
+]
+
+# Seconds a collection's shared stream stays open after its last waiter leaves, for the next one.
+LINGER = 5.0
+# At most this long a new waiter waits for the stream to open before its first read.
+OPEN_WAIT = 5.0
+# A waiter the stream covers still re-reads its task about this often (give or take a
+# fifth, so waiters spread out), in case the stream hangs without an error.
+RECHECK = 60.0
+# The first poll of a waiter without a stream; it doubles up to the waiter's ``max_poll``.
+MIN_POLL = 0.05
+
+
+class EndStream:
+    """The change stream of one collection, shared by every waiter on it in one event loop.
+
+    It opens when the first waiter arrives, dispatches each ending change to the waiters
+    on that task id, and closes ``LINGER`` seconds after the last waiter leaves. Each time
+    a stream is established the epoch moves on: a waiter that read its task while the
+    current epoch was streaming is covered (no end after that read can be missed); any
+    other waiter polls. When the stream breaks every waiter is woken to read again, and
+    the stream is reopened every ``REOPEN_AFTER`` seconds while waiters remain.
+    """
+
+    def __init__(self, collection: Any, key: tuple[Any, ...], loop: asyncio.AbstractEventLoop) -> None:
+        self._collection = collection
+        self._key = key
+        self.loop = loop
+        self._name = f"{getattr(collection.database, 'name', '?')}.{collection.name}"
+        self._waiters: dict[Any, set[EndWaiter]] = {}
+        self._count = 0
+        self._epoch = 0
+        self._streaming = False
+        self._settled = asyncio.Event()  # the first attempt to open has completed, either way
+        self._task: asyncio.Task[None] | None = None
+        self._closer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def add(self, waiter: EndWaiter) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+        self._waiters.setdefault(waiter.key, set()).add(waiter)
+        self._count += 1
+        if self._task is None:
+            self._task = self.loop.create_task(self._run())
+
+    def remove(self, waiter: EndWaiter) -> None:
+        same = self._waiters.get(waiter.key)
+        if same is None or waiter not in same:
+            return
+        same.discard(waiter)
+        if not same:
+            del self._waiters[waiter.key]
+        self._count -= 1
+        if self._count == 0 and not self.closed:
+            self._closer = self.loop.call_later(LINGER, self._close)
+
+    async def opened(self, timeout: float | None) -> None:
+        """Wait (a bounded time) for the first attempt to open the stream to complete."""
+        bound = OPEN_WAIT if timeout is None else min(timeout, OPEN_WAIT)
+        if self._settled.is_set() or bound <= 0:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), bound)
+
+    def epoch(self) -> int | None:
+        """The current epoch while the stream is delivering, else None."""
+        return self._epoch if self._streaming else None
+
+    def covers(self, epoch: int | None) -> bool:
+        return epoch is not None and self._streaming and epoch == self._epoch
+
+    def _close(self) -> None:
+        self._closer = None
+        self.closed = True
+        if _streams.get(self._key) is self:
+            del _streams[self._key]
+        task, self._task = self._task, None
+        if task is not None:
+            # Cancelling closes the cursor (``killCursors``) on the task's way out.
+            task.cancel()
+            task.add_done_callback(_consume_outcome)
+
+    def _dispatch(self, change: Mapping[str, Any]) -> None:
+        key = change.get("documentKey")
+        if not isinstance(key, Mapping) or "_id" not in key:
+            self._wake_all()  # a drop or a rename: every waiter reads again
+            return
+        for waiter in self._waiters.get(_id_key(key["_id"]), ()):
+            waiter.wake()
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.wake()
+
+    async def _run(self) -> None:
+        while True:
+            if not await self._follow():
+                return  # no change streams here: every waiter polls
+            await asyncio.sleep(REOPEN_AFTER)
+
+    async def _follow(self) -> bool:
+        """Follow one stream until it ends; False when this server has no change streams."""
+        try:
+            stream = await open_change_stream(self._collection, ENDING_CHANGES)
+            if stream is None:
+                log.debug("no change stream on this server; waiters on %s poll with backoff", self._name)
+                return False
+            async with stream:  # Motor opens its cursor here, PyMongo already has
+                self._epoch += 1
+                self._streaming = True
+                self._settled.set()
+                async for change in stream:
+                    self._dispatch(change)
+            log.info("change stream on %s ended; waiters poll until it can be reopened", self._name)
+        except asyncio.CancelledError:
+            raise
+        except PyMongoError as exc:
+            reason = type(exc).__name__
+            log.info("change stream on %s closed (%s); waiters poll until it can be reopened", self._name, reason)
+        except Exception:
+            log.warning("change stream on %s failed; waiters poll until it can be reopened", self._name, exc_info=True)
+        finally:
+            self._settled.set()
+            if self._streaming:
+                self._streaming = False
+                self._wake_all()
+        return True
+
+
+class EndWaiter:
+    """One ``Task.wait`` call: woken when its task may have ended, or when it is time to poll."""
+
+    def __init__(self, stream: EndStream, task_id: Any, *, max_poll: float) -> None:
+        self.key = _id_key(task_id)
+        self._stream = stream
+        self._event = asyncio.Event()
+        self._max_poll = max_poll
+        self._poll = min(MIN_POLL, max_poll)
+        self._epoch: int | None = None
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def reading(self) -> None:
+        """Called just before each read: the stream covers the read when it is streaming now."""
+        self._epoch = self._stream.epoch()
+
+    async def wait(self, timeout: float | None) -> None:
+        """Return when the task may have ended, when a poll is due, or after ``timeout`` seconds."""
+        if self._stream.covers(self._epoch):
+            delay = RECHECK * random.uniform(0.8, 1.2)
+        else:
+            delay = self._poll
+            self._poll = min(self._poll * 2, self._max_poll)
+        if timeout is not None:
+            delay = min(delay, max(timeout, 0.0))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), delay)
+        self._event.clear()
+        self.reading()
+
+
+def _id_key(task_id: Any) -> Any:
+    """A task id as a dictionary key: itself, or its BSON encoding when unhashable (a document id)."""
+    try:
+        hash(task_id)
+    except TypeError:
+        return bson.encode({"_id": task_id})
+    return task_id
+
+
+_streams: dict[tuple[Any, ...], EndStream] = {}
+
+
+def _stream_for(collection: Any) -> EndStream:
+    """The shared stream of ``collection`` in the running loop (one per loop, client and namespace)."""
+    loop = asyncio.get_running_loop()
+    database = collection.database
+    client = getattr(database, "client", None)
+    key = (id(loop), id(client), getattr(database, "name", None), collection.name)
+    found = _streams.get(key)
+    if found is not None and found.loop is loop and not found.closed:
+        return found
+    for stale in [k for k, s in _streams.items() if s.loop.is_closed()]:
+        del _streams[stale]  # left behind by a loop that closed while its stream lingered
+    created = _streams[key] = EndStream(primary(collection), key, loop)
+    return created
+
+
+@contextlib.asynccontextmanager
+async def watch_end(
+    collection: Any, task_id: Any, *, max_poll: float, timeout: float | None
+) -> AsyncIterator[EndWaiter]:
+    """Subscribe to the end of one task, then let the caller read it (so no end is missed).
+
+    ``timeout`` bounds how long this waits for a new stream to open before the first
+    read; a waiter that reads before its stream streams polls until a later read is covered.
+    """
+    stream = _stream_for(collection)
+    waiter = EndWaiter(stream, task_id, max_poll=max_poll)
+    stream.add(waiter)
+    try:
+        await stream.opened(timeout)
+        waiter.reading()
+        yield waiter
+    finally:
+        stream.remove(waiter)

@@ -31,13 +31,14 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from beanie_tasks import clock
 from beanie_tasks.discovery import import_modules, task_classes_in
-from beanie_tasks.errors import LeaseLost, TaskCancelled
+from beanie_tasks.errors import LeaseLost, TaskCancelled, TransitionError
+from beanie_tasks.executors import ProcessRun, ThreadRun
 from beanie_tasks.limits import SLOT_CLAIM_GRACE
-from beanie_tasks.redact import redact_text
-from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id
+from beanie_tasks.redact import get_logger, redact_text
+from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id, describe_error
 from beanie_tasks.wakeup import Wakeup
 
-log = logging.getLogger("beanie_tasks.worker")
+log = get_logger("beanie_tasks.worker")
 
 # How long a drained task gets, after its run() was cancelled, to be released.
 RELEASE_TIMEOUT = 10.0
@@ -55,7 +56,16 @@ class _Running:
 
     task: Task
     runner: asyncio.Future[Any] | None = None
+    handle: ThreadRun | ProcessRun | None = None  # a sync run(): its thread or child process
     stopped_because: str | None = None  # "cancelled", "lease lost", "timeout", "shutdown"
+
+    def handler_ended(self) -> bool:
+        """Whether run() is over: its coroutine done, and a sync handler's thread returned too."""
+        runner_done = self.runner is not None and self.runner.done()
+        return runner_done and (self.handle is None or self.handle.done())
+
+    def thread_running(self) -> bool:
+        return isinstance(self.handle, ThreadRun) and not self.handle.done()
 
 
 def _has_own_run(task_class: type[Task]) -> bool:
@@ -280,9 +290,10 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 if loop.time() >= next_maintenance:
-                    await self._maintain(sweep=rounds % SWEEP_EVERY_RECOVERIES == 0)
-                    rounds += 1
+                    # The timer moves on first: a round that fails must not be retried before every claim.
                     next_maintenance = loop.time() + min(c.task_options.recovery_interval for c in self.task_classes)
+                    rounds += 1
+                    await self._maintain(sweep=rounds % SWEEP_EVERY_RECOVERIES == 1)
                 if len(self._running) >= self.concurrency:
                     self._slot_freed.clear()
                     await self._until(self._slot_freed, timeout=next_maintenance - loop.time())
@@ -315,7 +326,9 @@ class Worker:
         assert self._stopping is not None and self._slot_freed is not None
         timeout = max(until, 0.0)
         blocked = [
-            wait for c in self.task_classes if (wait := c.task_store().blocks.ready_in(clock.now().timestamp())) > 0
+            wait
+            for c in self.task_classes
+            if (wait := c.task_store().blocks.ready_in(c.task_store().now().timestamp())) > 0
         ]
         if blocked:
             timeout = min(timeout, *blocked)
@@ -334,14 +347,30 @@ class Worker:
             await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _maintain(self, *, sweep: bool) -> None:
-        """Recover expired leases (and the limit slots they held); now and then set aside unclaimable documents."""
+        """Recover expired leases (and the limit slots they held); now and then set aside unclaimable documents.
+
+        Each class is maintained on its own: one that fails is logged and the others go on.
+        A lost connection is the claim loop's business (it waits for the server).
+        """
         for task_class in self.task_classes:
             task_store = task_class.task_store()
-            await clock.refresh(task_store.raw)
-            if sweep:
-                await task_class.set_aside_unclaimable()
-            await task_class.recover_expired()
-            await task_store.reconcile_slots(task_store.now() - timedelta(seconds=SLOT_CLAIM_GRACE))
+            try:
+                await clock.refresh(task_store.raw)
+                await task_store.retry_undos()
+                if sweep:
+                    await task_class.set_aside_unclaimable()
+                await task_class.recover_expired()
+                await task_store.reconcile_slots(task_store.now() - timedelta(seconds=SLOT_CLAIM_GRACE))
+            except ConnectionFailure:
+                raise
+            except Exception as exc:  # one class's broken data must not stop the others' recovery
+                self.stats["maintenance failed"] += 1
+                log.error(
+                    "worker %s: maintenance of %s failed (%s); the other classes go on",
+                    self.consumer_id,
+                    task_class.__name__,
+                    redact_text(describe_error(exc) or ""),
+                )
 
     async def _claim_next(self) -> bool:
         """Claim one task, trying classes (and partitions) round-robin from where the last claim left off."""
@@ -352,7 +381,14 @@ class Worker:
             cap = task_class.task_options.concurrency
             if cap is not None and sum(type(r.task) is task_class for r in self._running.values()) >= cap:
                 continue
-            task = await task_class.pop(consumer_id=self.consumer_id, partition=partition)
+            try:
+                task = await task_class.pop(consumer_id=self.consumer_id, partition=partition)
+            except ConnectionFailure:
+                raise
+            except PyMongoError as exc:  # a refusal about this class's data: the other classes are still claimed
+                self.stats["claim failed"] += 1
+                log.error("worker %s: claiming %s failed: %s", self.consumer_id, task_class.__name__, exc)
+                continue
             if task is None:
                 continue
             self._next_class = (index + 1) % count
@@ -380,15 +416,18 @@ class Worker:
         task = record.task
         name = f"{type(task).__name__} {task.id}"
         timeout = type(task).task_options.timeout
-        record.runner = runner = asyncio.ensure_future(self._invoke(task))
+        record.handle = self._sync_handle(task)
+        record.runner = runner = asyncio.ensure_future(self._invoke(record))
         keep_alive = asyncio.create_task(self._keep_alive(record))
         try:
-            _done, _pending = await asyncio.wait({runner}, timeout=timeout)
+            await self._run_within(record, timeout)
             if not runner.done():
                 record.stopped_because = record.stopped_because or "timeout"
                 runner.cancel()
             with contextlib.suppress(BaseException):
                 await runner
+            if record.handle is not None:
+                await record.handle.ended()  # a thread cannot be stopped: its slot and lease wait for it
         finally:
             keep_alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -401,6 +440,9 @@ class Worker:
         except LeaseLost as exc:
             self.stats["lease lost"] += 1
             log.error("%s: %s; another worker owns it now, this outcome was dropped", name, exc)
+        except TransitionError as exc:
+            self.stats["vanished"] += 1
+            log.warning("%s: %s; nothing to record", name, exc)
         except PyMongoError as exc:
             self.stats["unsettled"] += 1
             log.error("%s: could not record its outcome (%s); its lease will expire and it will be retried", name, exc)
@@ -408,6 +450,18 @@ class Worker:
             if not task.is_settled:  # cancelled, lease lost or unsettled: its concurrency slot is free now
                 with contextlib.suppress(PyMongoError):
                     await type(task).task_store().release_slot_of(task.concurrency_key, task.lease_token)
+
+    @staticmethod
+    async def _run_within(record: _Running, timeout: float | None) -> None:
+        """Wait for run() to end, or for ``timeout`` seconds counted from the moment it really started."""
+        runner = record.runner
+        assert runner is not None
+        if timeout is None:
+            await asyncio.wait({runner})
+            return
+        if record.handle is not None:
+            await asyncio.wait({runner, record.handle.started}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({runner}, timeout=timeout)
 
     async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> None:
         """Settle, retrying a write lost to the network instead of waiting out the lease."""
@@ -424,53 +478,84 @@ class Worker:
                 log.warning("%s: could not record its outcome (%s); trying again in %g s", name, reason, delay)
                 await asyncio.sleep(delay)
 
+    @staticmethod
+    def _outcome(record: _Running) -> tuple[str, Any]:
+        """How run() ended: ("returned", value), ("raised", error) or ("stopped", None)."""
+        runner = record.runner
+        assert runner is not None
+        if isinstance(record.handle, ThreadRun):
+            future = record.handle.future
+            if future.cancelled():
+                return "stopped", None
+            error = future.exception()
+            return ("raised", error) if error is not None else ("returned", future.result())
+        if runner.cancelled():
+            # Cancelled by this worker, or run() raised CancelledError itself (a failed attempt then).
+            return ("stopped", None) if record.stopped_because else ("raised", asyncio.CancelledError())
+        error = runner.exception()
+        return ("raised", error) if error is not None else ("returned", runner.result())
+
     async def _settle(self, record: _Running, name: str, timeout: float | None) -> None:
         """Write the outcome of one run: finish, fail (retry policy), release, or nothing."""
-        task, runner = record.task, record.runner
-        assert runner is not None
+        task = record.task
         reason = record.stopped_because
+        kind, value = self._outcome(record)
         if reason == "cancelled":
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while running; run() was stopped", name)
         elif reason == "lease lost":
             self.stats["lease lost"] += 1
-        elif reason == "shutdown":
-            await task.release()
-            self.stats["released"] += 1
-            log.warning("%s did not finish within the grace period; released for another worker", name)
+        elif task.is_settled:
+            self.stats[task.state.value.lower()] += 1  # run() settled the task itself
         elif reason == "timeout":
             await task.fail(f"timed out after {timeout:g} s")
             self.stats["timed out"] += 1
             log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
-        elif task.is_settled:
-            self.stats[task.state.value.lower()] += 1  # run() settled the task itself
-        elif runner.cancelled():
+        elif kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
+            await task.finish(value)
+            self.stats[task.state.value.lower()] += 1
+            log.debug("%s finished", name)
+        elif reason == "shutdown" or kind == "stopped":
             await task.release()
             self.stats["released"] += 1
-        elif (error := runner.exception()) is not None:
-            if isinstance(error, LeaseLost):
-                raise error
-            await task.fail(error)
-            self.stats["failed" if task.state.is_terminal else "retrying"] += 1
-            log.warning("%s failed: %r (%s, attempt %d)", name, error, task.state.value, task.attempts)
+            log.warning("%s did not finish within the grace period; released for another worker", name)
         else:
-            await task.finish(runner.result())
-            self.stats["finished"] += 1
-            log.debug("%s finished", name)
+            if isinstance(value, LeaseLost):
+                raise value
+            if isinstance(value, asyncio.CancelledError):
+                value = "run() raised CancelledError itself (a cancelled child task or library call)"
+            await task.fail(value)
+            self.stats["failed" if task.state.is_terminal else "retrying"] += 1
+            log.warning("%s failed: %r (%s, attempt %d)", name, value, task.state.value, task.attempts)
 
-    async def _invoke(self, task: Task) -> Any:
+    def _sync_handle(self, task: Task) -> ThreadRun | ProcessRun | None:
+        """For a plain ``def run()``: its thread (started now) or its child process; None for ``async def``."""
         if inspect.iscoroutinefunction(type(task).run):
-            return await task.run()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, task.run)
+            return None
+        if type(task).task_options.executor == "process":
+            return ProcessRun(task)
+        assert self._executor is not None
+        return ThreadRun(self._executor, task.run)
+
+    @staticmethod
+    async def _invoke(record: _Running) -> Any:
+        if record.handle is None:
+            return await record.task.run()
+        return await record.handle.result()
 
     async def _keep_alive(self, record: _Running) -> None:
-        """Heartbeat while run() works; stop run() at once if the task was cancelled or the lease lost."""
+        """Heartbeat while run() works; stop run() at once if the task was cancelled or the lease lost.
+
+        A sync handler's thread is heartbeaten until it returns, whatever stopped the wait
+        for it, so no other worker can take the task while the thread still runs.
+        """
         task, runner = record.task, record.runner
         assert runner is not None
         every = type(task).task_options.heartbeat_every
-        while not runner.done():
+        while not record.handler_ended():
             await asyncio.sleep(every)
+            if record.handler_ended():
+                return
             try:
                 await task.heartbeat()
             except TaskCancelled:
@@ -478,7 +563,7 @@ class Worker:
             except LeaseLost as exc:
                 record.stopped_because = "lease lost"
                 log.error("%s %s: %s; stopping its run()", type(task).__name__, task.id, exc)
-            except PyMongoError as exc:
+            except (PyMongoError, TransitionError) as exc:
                 log.warning("%s %s: could not extend the lease (%s); will try again", type(task).__name__, task.id, exc)
                 continue
             else:
@@ -487,7 +572,12 @@ class Worker:
             return
 
     async def _drain(self) -> None:
-        """Give running tasks the grace period, then release the rest unspent."""
+        """Give running tasks the grace period, then release the rest unspent.
+
+        A task whose run() has already returned is left to record its outcome. A sync
+        handler's thread cannot be stopped: the worker waits for it (heartbeating its
+        lease) rather than let another worker run the task at the same time.
+        """
         if not self._running:
             return
         log.info("draining %d running task(s) for up to %g s", len(self._running), self.grace_period)
@@ -496,9 +586,18 @@ class Worker:
             return
         for job in pending:
             record = self._running.get(job)
-            if record is not None and record.runner is not None:
+            if record is not None and record.runner is not None and not record.runner.done():
                 record.stopped_because = record.stopped_because or "shutdown"
                 record.runner.cancel()
         _done, stuck = await asyncio.wait(pending, timeout=RELEASE_TIMEOUT)
+        threads = [job for job in stuck if (record := self._running.get(job)) is not None and record.thread_running()]
+        if threads:
+            log.warning(
+                "waiting for %d sync run() thread(s) to return; their tasks keep their leases until then "
+                "(a second signal exits at once, and they are delivered again after the lease expires)",
+                len(threads),
+            )
+            await asyncio.wait(threads)
         for job in stuck:
-            job.cancel()
+            if job not in threads:
+                job.cancel()

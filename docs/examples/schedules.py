@@ -63,7 +63,7 @@ async def main(uri: str) -> None:
     assert await tick([NightlyReport], day_one) == 0  # first sighting: the series starts after now
     assert await tick([NightlyReport], day_one + timedelta(days=1)) == 1  # the 2 May 03:00 slot
     assert await tick([NightlyReport], day_one + timedelta(days=1, hours=1)) == 0  # already scheduled
-    assert await tick([NightlyReport], day_one + timedelta(days=4)) == 1  # missed slots coalesce
+    assert await tick([NightlyReport], day_one + timedelta(days=4)) == 1  # missed slots: only the latest
     reports = await NightlyReport.find_all().sort("run_at").to_list()
     print("nightly reports:", [report.day for report in reports])
     assert [report.day for report in reports] == ["2024-05-02", "2024-05-05"]

@@ -37,6 +37,34 @@ def test_unreachable_server_fails_fast_without_printing_the_password() -> None:
     assert took < 30
 
 
+# A password with an unencoded '@', as people paste it: "S3c@retPw6".
+AT_PASSWORD_URI = "mongodb://user:S3c@retPw6@127.0.0.1:1/db"
+
+
+@pytest.mark.parametrize("via", ["--uri", "MONGODB_URI"])
+@pytest.mark.parametrize("command", [["status", "-m", "fault_tasks"], ["worker", "fault_tasks"]])
+def test_a_password_with_an_at_sign_never_reaches_the_output(command: list[str], via: str) -> None:
+    """``python -m beanie_tasks.cli ...`` as typed in a shell: neither half of the password is printed."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
+    args = [*command, "--timeout", "1"]
+    if via == "--uri":
+        args += ["--uri", AT_PASSWORD_URI]
+    else:
+        env["MONGODB_URI"] = AT_PASSWORD_URI
+    done = subprocess.run(
+        [sys.executable, "-m", "beanie_tasks.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 1 and done.stderr.startswith("error: ")
+    for stream in (done.stdout, done.stderr):
+        assert "S3c" not in stream and "retPw6" not in stream, stream
+    assert "mongodb://***@127.0.0.1:1/db" in done.stderr
+
+
 def test_bad_uri_is_reported_without_the_password() -> None:
     code, output, _ = cli("worker", "fault_tasks", "--uri", f"mongodb://alice:{PASSWORD}@db.example.com:notaport/app")
     assert code != 0 and "URI" in output

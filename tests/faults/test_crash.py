@@ -55,10 +55,11 @@ async def test_sigkilled_consumer_tasks_are_rerun_exactly_once(
     for task in hanging + plain:
         stored = await Job.get(task.id)
         assert stored is not None
-        # One attempt per run: a killed run + its re-run, or a single run. (A consumer stalled
-        # past its lease by a loaded machine would add a run, and the attempt that goes with it.)
+        # One delivery per run: a killed run + its re-run, or a single run. A lost lease costs a
+        # redelivery, not an attempt. (A consumer stalled past its lease by a loaded machine would
+        # add a run, and the redelivery that goes with it.)
         expected = 2 if task in hanging else 1
-        assert stored.attempts == starts[task.id] >= expected
+        assert stored.attempts == 1 and stored.attempts + stored.redeliveries == starts[task.id] >= expected
         # FINISHED once, by the last run: its result carries that claim's lease token.
         assert stored.result == {"n": stored.n, "token": stored.lease_token}
         assert runs[(task.id, stored.lease_token)].startswith("survivor") or task in plain

@@ -15,37 +15,9 @@ from fault_tasks import Job
 from beanie_tasks import PushError
 from beanie_tasks.driver import BEANIE_MAJOR, client_for, close_client
 from beanie_tasks.embedded import EmbeddedServer
-from beanie_tasks.redact import redact_text, redact_uri
 
 PASSWORD = "s3cr#t-pa55"
 QUOTED = "s3cr%23t-pa55"
-
-
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("mongodb://alice:s3cret@db.example.com/app", "mongodb://alice:***@db.example.com/app"),
-        (
-            "mongodb+srv://alice:p%40ss@cluster0.abcde.mongodb.net/?retryWrites=true&w=majority",
-            "mongodb+srv://alice:***@cluster0.abcde.mongodb.net/?retryWrites=true&w=majority",
-        ),
-        ("mongodb://alice@db.example.com/", "mongodb://alice:***@db.example.com/"),
-        ("mongodb://db1:27017,db2:27017/?replicaSet=rs0", "mongodb://db1:27017,db2:27017/?replicaSet=rs0"),
-        (
-            "mongodb://h/?tlsCertificateKeyFilePassword=hush&tls=true",
-            "mongodb://h/?tlsCertificateKeyFilePassword=***&tls=true",
-        ),
-    ],
-)
-def test_redact_uri(uri: str, expected: str) -> None:
-    assert redact_uri(uri) == expected
-
-
-def test_redact_text_masks_uris_inside_messages() -> None:
-    message = f"cannot reach mongodb://bob:{QUOTED}@h1:27017,h2:27017/x (timeout) or mongodb://carol:x@h3"
-    masked = redact_text(message)
-    assert QUOTED not in masked and ":x@" not in masked
-    assert "mongodb://bob:***@h1:27017,h2:27017/x" in masked and "mongodb://carol:***@h3" in masked
 
 
 def driver_options(client: Any) -> dict[str, Any]:

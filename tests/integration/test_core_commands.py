@@ -47,12 +47,11 @@ async def test_empty_pop_is_one_find_and_modify(backend: Backend) -> None:
 async def test_claim_index_is_in_equality_sort_range_order() -> None:
     indexes = await Work.collection().index_information()
     keys = [(name, int(direction)) for name, direction in indexes["bt_claim"]["key"]]
-    equality = [
-        (field, ASCENDING)
-        for field, condition in Work.claim_filter(utcnow()).items()
-        if not isinstance(condition, dict)
-    ]
-    ranged = [field for field, condition in Work.claim_filter(utcnow()).items() if isinstance(condition, dict)]
+    claim = Work.claim_filter(utcnow())
+    # "state.0" only keeps an array state out (it exists on no string); it is checked on the fetched document.
+    assert claim.pop("state.0") == {"$exists": False}
+    equality = [(field, ASCENDING) for field, condition in claim.items() if not isinstance(condition, dict)]
+    ranged = [field for field, condition in claim.items() if isinstance(condition, dict)]
     assert equality == [("state", ASCENDING)]
     assert keys == equality + [(field, direction) for field, direction in CLAIM_SORT]
     assert ranged == ["run_at"] and ("run_at", ASCENDING) in CLAIM_SORT

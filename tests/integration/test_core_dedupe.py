@@ -17,6 +17,7 @@ class Report(Task):
 
     class TaskSettings:
         visibility_timeout = 0.2
+        max_redeliveries = 0  # a lost lease ends it, so "recovered" below is a terminal end
 
 
 class Retried(Task):
@@ -70,7 +71,7 @@ async def end_by(how: str, task: Report) -> None:
         await task.fail("boom")
     elif how == "cancelled":
         await task.cancel()
-    else:  # the consumer died and recovery found no attempts left
+    else:  # the consumer died and recovery found no redeliveries left
         assert task.lease_expires_at is not None
         await asyncio.sleep(max(0.0, (task.lease_expires_at - utcnow()).total_seconds()) + 0.05)
         assert await Report.recover_expired() == 1

@@ -25,6 +25,7 @@ class OneShot(Task):
 
     class TaskSettings:
         visibility_timeout = 0.3
+        max_redeliveries = 0  # a lost lease is final
 
 
 class Watched(Task):
@@ -72,7 +73,8 @@ async def test_stale_consumer_cannot_finish_after_another_claimed() -> None:
     assert await Job.recover_expired() == 1
     second = await Job.pop(consumer_id="B")
     assert second is not None and second.id == first.id
-    assert second.lease_token != first.lease_token and second.attempts == 2
+    # The lost lease gave its attempt back and counts as a redelivery instead.
+    assert second.lease_token != first.lease_token and second.attempts == 1 and second.redeliveries == 1
     before = await raw(Job, second)
 
     with pytest.raises(LeaseLost, match="held by B"):
@@ -118,7 +120,7 @@ async def test_a_cancelled_task_tells_its_consumer() -> None:
     assert (await raw(Job, task))["state"] == State.CANCELLED.value
 
 
-async def test_recovery_requeues_with_attempts_left_and_fails_without() -> None:
+async def test_recovery_delivers_again_within_max_redeliveries_and_fails_past_it() -> None:
     await Job(name="retry").push()
     await OneShot(name="dead").push()
     retry, dead = await Job.pop(), await OneShot.pop()
@@ -131,10 +133,10 @@ async def test_recovery_requeues_with_attempts_left_and_fails_without() -> None:
 
     requeued = await raw(Job, retry)
     assert requeued["state"] == State.CREATED.value and requeued["lease_token"] is None
-    assert requeued["expires_at"] is None and requeued["attempts"] == 1
+    assert requeued["expires_at"] is None and requeued["attempts"] == 0 and requeued["redeliveries"] == 1
     failed = await raw(OneShot, dead)
     assert failed["state"] == State.FAILED.value
-    assert "lease expired" in failed["error"] and "no attempts left" in failed["error"]
+    assert "lease expired" in failed["error"] and "max_redeliveries is 0" in failed["error"]
     assert failed["finished_at"] is not None and failed["lease_token"] is None
     with pytest.raises(LeaseLost):
         await dead.finish()
@@ -181,7 +183,8 @@ async def test_queue_recovers_a_dead_consumers_task_by_itself() -> None:
         raise AssertionError("queue ended")
 
     rescued = await asyncio.wait_for(next_from_queue(), timeout=10)
-    assert rescued.id == dead.id and rescued.consumer_id == "alive" and rescued.attempts == 2
+    assert rescued.id == dead.id and rescued.consumer_id == "alive" and rescued.attempts == 1
+    assert rescued.redeliveries == 1
     await rescued.finish()
     with pytest.raises(LeaseLost):
         await dead.finish()

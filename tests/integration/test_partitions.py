@@ -70,7 +70,8 @@ async def states_of(cls: Any, tasks: list[Any]) -> list[State]:
     return found
 
 
-async def test_claim_and_dedupe_indexes_lead_with_the_partition_field(cls: Any) -> None:
+@pytest.mark.wire  # mongomock has no partial indexes: its dedupe index is on the slot alone (see driver.py)
+async def test_claim_and_dedupe_indexes_lead_with_the_partition_field(cls: Any, backend: Backend) -> None:
     """After init_beanie, the bt_claim and bt_dedupe indexes have "tenant" as their first key."""
     indexes = await cls.collection().index_information()
     for name in ("bt_claim", "bt_dedupe"):

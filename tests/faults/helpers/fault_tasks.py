@@ -37,7 +37,7 @@ class Job(Task):
     async def run(self) -> Any:
         """The work itself: the Worker settles its outcome, ``handle`` does for queue() consumers."""
         await record(self, "start", self.consumer_id or "?")
-        if self.hang_first and self.attempts == 1:
+        if self.hang_first and self.redeliveries == 0:
             await asyncio.sleep(3600)  # killed here by the test
         if self.work:
             await asyncio.sleep(self.work)
