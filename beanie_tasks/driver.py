@@ -146,6 +146,12 @@ def check_document_size(collection: Any, document: dict[str, Any]) -> None:
         raise DocumentTooLarge(f"BSON document too large; MongoDB allows up to {MAX_DOCUMENT_BYTES} bytes")
 
 
+def check_storable(collection: Any, update: dict[str, Any]) -> None:
+    """mongomock writes part of an update BSON cannot encode before it fails: encode it first, as a driver would."""
+    if not traits(collection).enforces_size:
+        bson.encode({name: value for name, value in update.items() if isinstance(value, dict)})
+
+
 def only_present(field: str, collection: Any) -> dict[str, Any]:
     """Index options that skip documents lacking ``field`` (a string).
 

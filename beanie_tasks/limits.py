@@ -11,25 +11,25 @@ batch claims and the worker all obey them):
   array is shorter than the cap. A task leaving RUNNING gives its slot back.
 
 Both are single atomic updates, so no two processes can both take the last token or slot.
-A refused candidate is never touched, and this process skips that key until the window
-ends. Tasks of a class without limits never touch the side collection.
+A refused key's waiting tasks are parked: until its rate window ends, or (a full concurrency
+key) until one of its slots frees, when the consumer giving the slot back makes them due
+again. So no claim reads a blocked key's tasks, however many there are, and every consumer
+sees the same state. Tasks of a class without limits never touch the side collection.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from beanie_tasks.options import RateLimit, TaskOptions
 
 LIMITS_COLLECTION = "beanie_tasks_limits"
-# A consumer reads at most this many candidates per claim attempt before it idles.
-MAX_CANDIDATES = 8
+# A limited claim reads candidates in rounds of this many. Each refused key is parked, so the
+# next round reads other keys and the rounds end; the bound only guards against a bug.
+CANDIDATES_PER_ROUND = 64
+LIMITED_ROUNDS = 1000
 # A slot holder younger than this may still be on its way to its claim: reconcile leaves it.
 SLOT_CLAIM_GRACE = 30.0
-# How long a consumer skips a concurrency key that was full before it asks again (a slot
-# freed by this process clears the skip at once).
-FULL_KEY_RECHECK = 0.5
 
 
 @dataclass
@@ -64,11 +64,13 @@ class LimitPolicy:
 
 @dataclass
 class KeyBlocks:
-    """The keys this process found full, and until when (seconds since the epoch) it skips them."""
+    """Until when (seconds since the epoch) this process skips a class whose class-wide rate is spent.
+
+    Full keys need no memory here: their waiting tasks are parked in the database, where
+    every consumer sees it.
+    """
 
     class_blocked_until: float = 0.0
-    rate_keys: dict[str, float] = field(default_factory=dict)
-    slot_keys: dict[str, float] = field(default_factory=dict)
 
     def ready_in(self, now: float) -> float:
         """Seconds until the class-wide rate may allow a claim again (0 = now)."""
@@ -76,23 +78,3 @@ class KeyBlocks:
 
     def block_class(self, until: float) -> None:
         self.class_blocked_until = until
-
-    def block_rate_key(self, key: str, until: float) -> None:
-        self.rate_keys[key] = until
-
-    def block_slot_key(self, key: str, now: float) -> None:
-        self.slot_keys[key] = now + FULL_KEY_RECHECK
-
-    def unblock_slot_key(self, key: str) -> None:
-        self.slot_keys.pop(key, None)
-
-    def claim_filter(self, now: float) -> dict[str, Any]:
-        """Conditions that keep the claim away from keys this process knows are full."""
-        extra: dict[str, Any] = {}
-        for name, blocked in (("rate_limit_key", self.rate_keys), ("concurrency_key", self.slot_keys)):
-            for key, until in list(blocked.items()):
-                if until <= now:
-                    del blocked[key]
-            if blocked:
-                extra[name] = {"$nin": sorted(blocked)}
-        return extra

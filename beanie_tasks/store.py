@@ -25,6 +25,8 @@ inheritance (``Settings.is_root``). Bookkeeping fields outside the model:
   how many ended well or badly, the last bad one); ``dep_ttl``, the class's ``ttl``
   (a process that never imported the class may end it);
 * ``dep_failed: true`` on a task failed because of its links;
+* on a waiting task whose ``concurrency_key`` is full: ``limit_parked: true`` and
+  ``limit_run_at`` (its own ``run_at``, which is ``FAR_FUTURE`` until a slot frees);
 * on a dependency: ``dependents_pending: true`` from the first dependent's push until
   every dependent was told it ended, and ``dependents_in``, the collections its
   dependents live in. The dependents themselves are found through the index on
@@ -40,14 +42,16 @@ field, each present only when the class has one)
 * ``bt_expiry``: ``expires_at``, TTL (set only at a terminal transition);
 * ``bt_dependents``: ``dependents_pending``, only where true: the repair sweep;
 * ``bt_waiting``: ``dep_wait.i``, only parked dependents: telling dependents;
-* ``bt_blocked``: ``dep_blocked, _id``, only parked dependents: the reconcile sweep.
+* ``bt_blocked``: ``dep_blocked, _id``, only parked dependents: the reconcile sweep;
+* ``bt_slot_key`` / ``bt_rate_key``: ``C, concurrency_key / rate_limit_key, state``, for a
+  class with ``key_concurrency`` / ``key_rate_limit``: parking and unparking one key.
 
 Other collections of the database
 ---------------------------------
 * ``beanie_tasks_limits``: rate windows ``{_id: "rate:<scope>:<key>:<window>", n,
   scope, expires_at}`` (TTL on ``expires_at``) and concurrency slots
-  ``{_id: "slots:<scope>:<key>", holders: [{t: lease token, at}], scope}``; indexes
-  ``bt_limit_expiry`` and ``bt_limit_scope``;
+  ``{_id: "slots:<scope>:<key>", holders: [{t: lease token, at}], scope}``, removed
+  when empty; indexes ``bt_limit_expiry`` and ``bt_limit_holders`` (``scope, holders.at``);
 * ``beanie_tasks_schedules``: one cursor per periodic class, ``{_id, last_slot,
   schedule, updated_at}``.
 """
@@ -67,7 +71,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from beanie_tasks import clock, driver
 from beanie_tasks.errors import NotRegistered
-from beanie_tasks.limits import LIMITS_COLLECTION, MAX_CANDIDATES, Grant, KeyBlocks, LimitPolicy
+from beanie_tasks.limits import CANDIDATES_PER_ROUND, LIMITED_ROUNDS, LIMITS_COLLECTION, Grant, KeyBlocks, LimitPolicy
 from beanie_tasks.options import RateLimit, TaskOptions
 from beanie_tasks.redact import get_logger
 from beanie_tasks.states import IN_FLIGHT_STATES, TERMINAL_STATES, State, state_value
@@ -216,9 +220,21 @@ class Store:
             await limits.create_indexes(
                 [
                     IndexModel([("expires_at", ASCENDING)], name="bt_limit_expiry", expireAfterSeconds=0),
-                    IndexModel([("scope", ASCENDING)], name="bt_limit_scope"),
+                    IndexModel([("scope", ASCENDING), ("holders.at", ASCENDING)], name="bt_limit_holders"),
                 ]
             )
+            scope = [(self.class_field, ASCENDING)] if self.class_field is not None else []
+            keyed = []
+            if self.limits.key_concurrency is not None:
+                keyed.append(
+                    IndexModel([*scope, ("concurrency_key", ASCENDING), ("state", ASCENDING)], name="bt_slot_key")
+                )
+            if self.limits.key_rate is not None:
+                keyed.append(
+                    IndexModel([*scope, ("rate_limit_key", ASCENDING), ("state", ASCENDING)], name="bt_rate_key")
+                )
+            if keyed:
+                await self.raw.create_indexes(keyed)
 
     # ----------------------------------------------------------- inserts
 
@@ -386,40 +402,63 @@ class Store:
         return documents
 
     async def _claim_limited(self, consumer_id: str, partition: Any) -> dict[str, Any] | None:
-        """Read the next candidate, take what its limits need, then claim exactly it under that token.
+        """Read the next candidates, take what a candidate's limits need, then claim exactly it under that token.
 
-        A refused candidate is never touched: it stays CREATED with its priority, ``run_at``
-        and attempts, and its key is skipped by this process until its window ends. If
-        another consumer claims the candidate first, everything taken is given back.
+        A candidate whose key is full (or out of rate) is not claimed; its key's waiting
+        tasks are parked instead, so no later claim, by any consumer, reads them again
+        until the key has room: a claim's cost does not grow with the queued tasks of
+        blocked keys, and a free key is reached at once. If another consumer claims the
+        candidate first, everything taken is given back.
         """
-        for _ in range(MAX_CANDIDATES):
-            wall = self.now().timestamp()
-            if self.blocks.ready_in(wall) > 0:
-                return None
-            now = self.now()
-            selector = self.claim_filter(now, partition) | self.blocks.claim_filter(wall)
-            candidate = await self.collection.find_one(
-                selector, {"rate_limit_key": 1, "concurrency_key": 1}, sort=CLAIM_SORT, **self._hint(partition)
-            )
-            if candidate is None:
-                return None
-            token = uuid.uuid4().hex
-            grant = await self.acquire(candidate.get("rate_limit_key"), candidate.get("concurrency_key"), token)
-            if grant is None:
-                continue  # that key is now skipped: look at the next candidate
-            try:
-                document = await self._claim_one(
-                    self.claim_filter(now, partition) | {"_id": candidate["_id"]},
-                    self._claim_update(now, consumer_id, token),
-                    token,
+        parked: list[str] = []
+        try:
+            # Every round claims, or parks or passes over what it read, so the rounds end; the bound is a guard.
+            for _ in range(LIMITED_ROUNDS):
+                now = self.now()
+                if self.blocks.ready_in(now.timestamp()) > 0:
+                    return None
+                cursor = self.collection.find(
+                    self.claim_filter(now, partition),
+                    {"rate_limit_key": 1, "concurrency_key": 1},
+                    sort=CLAIM_SORT,
+                    limit=CANDIDATES_PER_ROUND,
+                    **self._hint(partition),
                 )
-            except PyMongoError:
-                await self.undo(grant)
-                raise
-            if document is not None:
-                return document
-            await self.undo(grant)  # another consumer was faster
-        return None
+                candidates = [row async for row in cursor]
+                if not candidates:
+                    return None
+                refused_rate: set[Any] = set()
+                checked_page = False
+                for index, candidate in enumerate(candidates):
+                    rate_key, slot_key = candidate.get("rate_limit_key"), candidate.get("concurrency_key")
+                    if slot_key in parked or rate_key in refused_rate:
+                        continue  # parked a moment ago, with the rest of its key
+                    token = uuid.uuid4().hex
+                    grant = await self.acquire(rate_key, slot_key, token, parked=parked, refused_rate=refused_rate)
+                    if grant is None:
+                        if self.blocks.ready_in(self.now().timestamp()) > 0:
+                            return None  # the class-wide rate is spent: nothing can start now
+                        if not checked_page and parked and parked[-1] == slot_key:
+                            # The page's first full key: check the rest of the page's keys at once.
+                            checked_page = True
+                            await self._park_full_keys(candidates[index + 1 :], parked)
+                        continue
+                    try:
+                        document = await self._claim_one(
+                            self.claim_filter(now, partition) | {"_id": candidate["_id"]},
+                            self._claim_update(now, consumer_id, token),
+                            token,
+                        )
+                    except PyMongoError:
+                        await self.undo(grant)
+                        raise
+                    if document is not None:
+                        return document
+                    await self.undo(grant)  # another consumer was faster
+            return None
+        finally:
+            if parked:
+                await self._unpark_if_room(parked)
 
     # ------------------------------------------------------------ limits
 
@@ -429,8 +468,20 @@ class Store:
     def slot_id(self, key: str) -> str:
         return f"slots:{self.limit_scope}:{key}"
 
-    async def acquire(self, rate_key: str | None, slot_key: str | None, token: str) -> Grant | None:
-        """Take every token and slot a task with these keys needs, all or nothing; None means wait."""
+    async def acquire(
+        self,
+        rate_key: str | None,
+        slot_key: str | None,
+        token: str,
+        *,
+        parked: list[str] | None = None,
+        refused_rate: set[Any] | None = None,
+    ) -> Grant | None:
+        """Take every token and slot a task with these keys needs, all or nothing; None means wait.
+
+        A refused key parks its waiting tasks (until its rate window ends, or until a slot
+        frees); ``parked`` collects the concurrency keys parked, for the caller's re-check.
+        """
         wall = self.now().timestamp()
         grant = Grant(token=token)
         policy = self.limits
@@ -439,8 +490,10 @@ class Store:
             return None
         key_rate = policy.key_rate
         if key_rate is not None and rate_key is not None and not await self._take_rate(rate_key, key_rate, wall, grant):
-            self.blocks.block_rate_key(rate_key, key_rate.window(wall)[1])
             await self.undo(grant)
+            await self._park_rate_key(rate_key, key_rate.window(wall)[1])
+            if refused_rate is not None:
+                refused_rate.add(rate_key)
             return None
         if policy.key_concurrency is not None and slot_key is not None:
             joined = await self._conditional_upsert(
@@ -448,11 +501,75 @@ class Store:
                 {"$push": {"holders": {"t": token, "at": self.now()}}, "$setOnInsert": {"scope": self.limit_scope}},
             )
             if not joined:
-                self.blocks.block_slot_key(slot_key, wall)
                 await self.undo(grant)
+                await self._park_slot_key(slot_key)
+                if parked is not None:
+                    parked.append(slot_key)
                 return None
             grant.slots.append(slot_key)
         return grant
+
+    def _waiting_of_key(self, field_name: str, key: Any) -> dict[str, Any]:
+        """This class's tasks of one limit key that a claim could pick (not parked, not waiting for links)."""
+        return self.scope() | {
+            field_name: key,
+            "state": State.CREATED.value,
+            "limit_parked": {"$exists": False},
+            "dep_blocked": {"$exists": False},
+        }
+
+    async def _park_rate_key(self, key: str, window_ends: float) -> None:
+        """Move a key's waiting tasks to the end of its full rate window: no claim reads them before then."""
+        opens = datetime.fromtimestamp(window_ends, timezone.utc)
+        await self.collection.update_many(
+            self._waiting_of_key("rate_limit_key", key) | {"run_at": {"$lt": opens}}, {"$set": {"run_at": opens}}
+        )
+
+    async def _park_slot_key(self, key: Any) -> None:
+        """Park a full concurrency key's waiting tasks (their ``run_at`` kept in ``limit_run_at``)."""
+        await self.collection.update_many(
+            self._waiting_of_key("concurrency_key", key),
+            [{"$set": {"limit_run_at": "$run_at", "run_at": clock.FAR_FUTURE, "limit_parked": True}}],
+        )
+
+    async def _park_full_keys(self, candidates: list[dict[str, Any]], parked: list[str]) -> None:
+        """Park, in two commands, every key among ``candidates`` whose slots are all taken.
+
+        One read of their slot documents and one ``update_many``, so a page of candidates of
+        many blocked keys costs a fixed handful of commands; the join stays the atomic check.
+        """
+        cap = self.limits.key_concurrency
+        keys = {str(c["concurrency_key"]) for c in candidates if c.get("concurrency_key") is not None} - set(parked)
+        if cap is None or not keys:
+            return
+        rows = self._limits().find({"_id": {"$in": [self.slot_id(k) for k in keys]}}, {"holders": 1})
+        full_ids = {row["_id"] async for row in rows if len(row.get("holders") or []) >= cap}
+        full = sorted(key for key in keys if self.slot_id(key) in full_ids)
+        if full:
+            await self._park_slot_key({"$in": full})
+            parked.extend(full)
+
+    async def _unpark_slot_key(self, key: str) -> None:
+        """A slot of ``key`` freed: its parked tasks are due again at their own ``run_at``."""
+        parked = self.scope() | {"concurrency_key": key, "limit_parked": True, "state": State.CREATED.value}
+        result = await self.collection.update_many(
+            parked, [{"$set": {"run_at": "$limit_run_at", "limit_run_at": "$$REMOVE", "limit_parked": "$$REMOVE"}}]
+        )
+        if result.modified_count:
+            await driver.remove_fields_after_pipeline(
+                self.collection, parked | {"run_at": {"$lt": clock.FAR_FUTURE}}, ["limit_run_at", "limit_parked"]
+            )
+
+    async def _unpark_if_room(self, keys: list[str]) -> None:
+        """Re-check keys parked by this claim: a slot that freed in between must not leave them parked."""
+        cap = self.limits.key_concurrency
+        if cap is None:
+            return
+        rows = self._limits().find({"_id": {"$in": [self.slot_id(k) for k in keys]}}, {"holders": 1})
+        full = {row["_id"] async for row in rows if len(row.get("holders") or []) >= cap}
+        for key in dict.fromkeys(keys):
+            if self.slot_id(key) not in full:
+                await self._unpark_slot_key(key)
 
     async def _take_rate(self, key: str, rate: RateLimit, wall: float, grant: Grant) -> bool:
         index, ends = rate.window(wall)
@@ -493,22 +610,34 @@ class Store:
         grant.slots.clear()
 
     async def leave_slot(self, key: str, token: str) -> None:
-        """Give back the concurrency slot a task held under ``token`` (rate tokens stay spent)."""
-        await self._limits().update_one({"_id": self.slot_id(key)}, {"$pull": {"holders": {"t": token}}})
-        self.blocks.unblock_slot_key(key)
+        """Give back the concurrency slot a task held under ``token`` (rate tokens stay spent).
+
+        An empty slot document is removed, and the key's parked tasks are due again.
+        """
+        limits = self._limits()
+        slot_id = self.slot_id(key)
+        left = await limits.find_one_and_update(
+            {"_id": slot_id}, {"$pull": {"holders": {"t": token}}}, return_document=ReturnDocument.AFTER
+        )
+        if left is not None and not left.get("holders"):
+            await limits.delete_one({"_id": slot_id, "holders": {"$size": 0}})
+        await self._unpark_slot_key(key)
 
     async def reconcile_slots(self, settled_before: datetime) -> int:
-        """Free slots held by tasks that are no longer RUNNING under that lease (their worker died)."""
+        """Free slots held by tasks that are no longer RUNNING under that lease (their worker died).
+
+        Reads only the slots holding a token older than ``settled_before`` (indexed), so
+        the round costs one query while every holder is young or alive.
+        """
         if self.limits.key_concurrency is None:
             return 0
         limits = self._limits()
-        holders: set[str] = set()
-        async for row in limits.find({"scope": self.limit_scope, "holders.0": {"$exists": True}}, {"holders": 1}):
-            holders.update(
-                h["t"]
-                for h in row.get("holders") or []
-                if isinstance(h, dict) and clock.as_utc(h["at"]) < settled_before
-            )
+        holders: dict[str, str] = {}
+        async for row in limits.find({"scope": self.limit_scope, "holders.at": {"$lt": settled_before}}):
+            key = str(row["_id"]).removeprefix(f"slots:{self.limit_scope}:")
+            for holder in row.get("holders") or []:
+                if isinstance(holder, dict) and clock.as_utc(holder["at"]) < settled_before:
+                    holders[holder["t"]] = key
         if not holders:
             return 0
         alive = {
@@ -517,9 +646,10 @@ class Store:
                 {"state": State.RUNNING.value, "lease_token": {"$in": sorted(holders)}}, {"lease_token": 1}
             )
         }
-        stale = sorted(holders - alive)
+        stale = sorted(set(holders) - alive)
+        for token in stale:
+            await self.leave_slot(holders[token], token)
         if stale:
-            await limits.update_many({"scope": self.limit_scope}, {"$pull": {"holders": {"t": {"$in": stale}}}})
             log.warning("%s: freed %d concurrency slot(s) of tasks that stopped running", self.name, len(stale))
         return len(stale)
 
@@ -540,6 +670,7 @@ class Store:
 
     async def end(self, guard: dict[str, Any], update: dict[str, Any]) -> dict[str, Any] | None:
         """A terminal write: returns what says whether dependents wait (None: the guard missed)."""
+        driver.check_storable(self.raw, update)
         found: dict[str, Any] | None = await self.collection.find_one_and_update(
             guard, update, projection=ENDED_PROJECTION, return_document=ReturnDocument.AFTER
         )

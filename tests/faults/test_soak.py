@@ -120,6 +120,7 @@ class Soak:
             await task_class.collection().delete_many({"_id": {"$in": ids}})
 
 
+@pytest.mark.slow
 async def test_soak_exact_accounting(backend: Any, db: Any, consumers: Consumers) -> None:
     soak = Soak(seed=20260523)
     for p in range(PROCESSES):

@@ -15,7 +15,7 @@ from beanie import init_beanie
 from beanie_tasks import State, Task
 from tests.conftest import Backend
 
-TASKS = 200
+TASKS = 120
 PROCESSES = 4
 COROUTINES = 3
 
@@ -73,6 +73,7 @@ class Unit(Task):
         name = "units"
 
 
+@pytest.mark.slow
 @pytest.mark.wire
 async def test_many_processes_process_every_task_exactly_once(backend: Backend, db: Any, tmp_path: Path) -> None:
     await init_beanie(database=db, document_models=[Unit])

@@ -163,6 +163,7 @@ async def scenario(backend: Backend, specs: list[Spec], steps: list[bool]) -> No
 
 
 # No shrinking: on a failure the first example is printed at once instead of minutes later.
+@pytest.mark.slow
 @settings(
     max_examples=12,
     deadline=None,

@@ -194,6 +194,7 @@ async def check_all() -> int:
 # ------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 async def test_dependencies_end_in_other_processes_while_dependents_are_pushed(
     database: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

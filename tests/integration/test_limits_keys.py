@@ -1,0 +1,157 @@
+"""Concurrency keys at scale: blocked keys cost nothing to skip, free keys start at once, workers share.
+
+A full key's waiting tasks are parked in the database (not skipped by a per-process
+``$nin``), so claims never read them, every consumer sees the same state, and a slot that
+frees makes them due again at once. Empty slot documents are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from typing import Any, ClassVar
+
+import pytest
+
+from beanie_tasks import Priority, State, Task, Worker
+from beanie_tasks.limits import LIMITS_COLLECTION
+from beanie_tasks.testing import eventually, running
+from tests.conftest import Backend
+
+BLOCKED_KEYS = 100
+
+
+class Tenant(Task):
+    """One export at a time per tenant (``concurrency_key``)."""
+
+    n: int = 0
+
+    class TaskSettings:
+        key_concurrency = 1
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        Record.by_worker[self.consumer_id or ""] += 1
+        await asyncio.sleep(Record.seconds)
+        Record.runs.append((self.concurrency_key or "", began, loop.time()))
+
+
+class Record:
+    runs: ClassVar[list[tuple[str, float, float]]] = []
+    by_worker: ClassVar[Counter[str]] = Counter()
+    seconds: ClassVar[float] = 0.2
+
+
+@pytest.fixture(autouse=True)
+async def models(init_tasks: Any) -> None:
+    Record.runs = []
+    Record.by_worker = Counter()
+    Record.seconds = 0.2
+    await init_tasks(Tenant)
+
+
+async def block_keys(count: int, queued_per_key: int) -> list[Tenant]:
+    """``count`` keys, each with one task RUNNING (holding the key's only slot) and more queued behind it."""
+    held = []
+    for k in range(count):
+        await Tenant(concurrency_key=f"k{k}", priority=Priority.HIGH).push()
+        task = await Tenant.pop(consumer_id="holder")
+        assert task is not None and task.concurrency_key == f"k{k}"
+        held.append(task)
+    for k in range(count):
+        for n in range(queued_per_key):
+            await Tenant(concurrency_key=f"k{k}", n=n, priority=Priority.HIGH).push()
+    return held
+
+
+async def test_a_free_key_starts_within_a_second_behind_100_blocked_keys() -> None:
+    """100 keys at their cap, each with tasks queued at a higher priority: a task of a free key,
+    queued last and at a lower priority, is claimed within 1 s."""
+    await block_keys(BLOCKED_KEYS, queued_per_key=1)
+    free = await Tenant(concurrency_key="free", priority=Priority.LOW).push()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    claimed = None
+    while claimed is None and loop.time() - started < 5:
+        claimed = await Tenant.pop(consumer_id="consumer")
+    elapsed = loop.time() - started
+    assert claimed is not None and claimed.id == free.id, claimed
+    assert elapsed < 1.0, f"the free key started {elapsed:.2f} s late"
+
+
+@pytest.mark.wire
+async def test_claim_cost_does_not_grow_with_the_queued_tasks_of_blocked_keys(backend: Backend) -> None:
+    """Once a full key was found full, claims never read its tasks again: the commands of a claim
+    that finds nothing are the same with 1 or 20 tasks queued behind each of 10 blocked keys."""
+    costs = []
+    for queued in (1, 20):
+        await Tenant.find_all().delete()
+        await Tenant.collection().database[LIMITS_COLLECTION].delete_many({})
+        await block_keys(10, queued_per_key=queued)
+        while await Tenant.pop() is not None:  # discovers the full keys (and parks their tasks)
+            raise AssertionError("a blocked key's task was claimed")
+        backend.counter.reset()
+        assert await Tenant.pop() is None
+        costs.append(backend.counter.total)
+    assert costs[0] == costs[1], f"an empty claim cost {costs[0]} commands, then {costs[1]}"
+    assert costs[1] <= 2, costs  # one candidates find (empty), at most one more
+
+
+async def test_parked_tasks_keep_their_order_and_run_when_a_slot_frees() -> None:
+    """A waiting task of a full key is parked, not changed: when the slot frees it is due at its own
+    run_at again, with its priority and attempts, and runs before a later task of the same key."""
+    first = await Tenant(concurrency_key="a").push()
+    second = await Tenant(concurrency_key="a", n=2).push()
+    third = await Tenant(concurrency_key="a", n=3).push()
+    running_one = await Tenant.pop()
+    assert running_one is not None and running_one.id == first.id
+    assert await Tenant.pop() is None
+    parked = await Tenant.collection().find_one({"_id": second.id})
+    assert parked["state"] == State.CREATED.value and parked["limit_parked"] is True
+    assert parked["attempts"] == 0
+    await running_one.finish()
+    unparked = await Tenant.get(second.id)
+    assert unparked is not None and unparked.run_at == second.run_at and unparked.attempts == 0
+    nxt = await Tenant.pop()
+    assert nxt is not None and nxt.id == second.id
+    await nxt.finish()
+    last = await Tenant.pop()
+    assert last is not None and last.id == third.id
+
+
+async def test_empty_slot_documents_are_removed() -> None:
+    """A concurrency key's slot document exists only while one of its tasks runs."""
+    slots = Tenant.collection().database[LIMITS_COLLECTION]
+    await Tenant(concurrency_key="a").push()
+    await Tenant(concurrency_key="b").push()
+    one, two = await Tenant.pop(), await Tenant.pop()
+    assert one is not None and two is not None
+    assert await slots.count_documents({}) == 2
+    await one.finish()
+    await two.fail("boom")
+    assert await slots.count_documents({}) == 0
+
+
+@pytest.mark.wire
+async def test_two_workers_share_keyed_work() -> None:
+    """Two workers (concurrency 4 each) on 32 tasks of 8 keys (cap 1 each): the second worker is never
+    starved by the first one's view of full keys, both run a fair share, and no key ever runs twice."""
+    Record.seconds = 0.15
+    for n in range(32):
+        await Tenant(concurrency_key=f"k{n % 8}", n=n).push()
+    async with (
+        running(Worker([Tenant], concurrency=4, consumer_id="w1")),
+        running(Worker([Tenant], concurrency=4, consumer_id="w2")),
+    ):
+
+        async def all_done() -> bool:
+            return bool((await Tenant.counts())[State.FINISHED] == 32)
+
+        await eventually(all_done, timeout=30)
+    assert set(Record.by_worker) == {"w1", "w2"}, Record.by_worker
+    for key in {key for key, _, _ in Record.runs}:
+        spans = sorted((began, ended) for k, began, ended in Record.runs if k == key)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"two runs of key {key} overlapped"
+    assert min(Record.by_worker.values()) >= 8, f"one worker took almost all keyed work: {Record.by_worker}"
