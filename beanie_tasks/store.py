@@ -46,6 +46,12 @@ field, each present only when the class has one)
 * ``bt_slot_key`` / ``bt_rate_key``: ``C, concurrency_key / rate_limit_key, state``, for a
   class with ``key_concurrency`` / ``key_rate_limit``: parking and unparking one key.
 
+Change streams (opened by ``wakeup``)
+-------------------------------------
+``CLAIMABLE_CHANGES`` wakes idle consumers (inserts, updates that make a task CREATED or move
+its ``run_at``); ``ENDING_CHANGES`` wakes ``wait()`` (updates to a terminal state, replaces,
+deletes), one stream per collection per process, projected down to the document key.
+
 Other collections of the database
 ---------------------------------
 * ``beanie_tasks_limits``: rate windows ``{_id: "rate:<scope>:<key>:<window>", n,
@@ -1055,6 +1061,42 @@ async def ensure_registered(collection: Any, dependency_id: Any, dependent_colle
         return None
     current: dict[str, Any] | None = await pinned.find_one({"_id": dependency_id}, {"state": 1, "error": 1})
     return current if current is not None else {}
+
+
+# ------------------------------------------------------------------ change streams
+# The wake-up streams ``wakeup`` opens (through ``driver.open_change_stream``).
+
+# Inserts, and updates that make a task claimable again (retry, release, unblocking).
+CLAIMABLE_CHANGES: list[dict[str, Any]] = [
+    {
+        "$match": {
+            "$or": [
+                {"operationType": "insert"},
+                {"updateDescription.updatedFields.state": "CREATED"},
+                {"updateDescription.updatedFields.run_at": {"$exists": True}},
+            ]
+        }
+    }
+]
+
+
+# The changes that can end a task: an update that sets a terminal state, and anything but
+# an insert or an update (a replace, a delete; a drop or rename, which name no document).
+# Only the document's key and the changed state are kept (``_id``, the resume token, must stay).
+ENDING_CHANGES: list[dict[str, Any]] = [
+    {
+        "$match": {
+            "$or": [
+                {
+                    "operationType": "update",
+                    "updateDescription.updatedFields.state": {"$in": TERMINAL},
+                },
+                {"operationType": {"$nin": ["insert", "update"]}},
+            ]
+        }
+    },
+    {"$project": {"documentKey": 1, "updateDescription.updatedFields.state": 1}},
+]
 
 
 # ------------------------------------------------------------------ waiting and schedules

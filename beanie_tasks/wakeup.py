@@ -18,26 +18,12 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from beanie_tasks.driver import open_change_stream, primary
 from beanie_tasks.redact import get_logger
-from beanie_tasks.states import TERMINAL_STATES
+from beanie_tasks.store import CLAIMABLE_CHANGES, ENDING_CHANGES
 
 log = get_logger("beanie_tasks.wakeup")
 
 # Seconds between attempts to reopen a change stream that a lost connection closed.
 REOPEN_AFTER = 5.0
-
-# Inserts, and updates that make a task claimable again (retry, release, unblocking).
-CLAIMABLE_CHANGES: list[dict[str, Any]] = [
-    {
-        "$match": {
-            "$or": [
-                {"operationType": "insert"},
-                {"updateDescription.updatedFields.state": "CREATED"},
-                {"updateDescription.updatedFields.run_at": {"$exists": True}},
-            ]
-        }
-    }
-]
-
 
 # How long close() waits for a cancelled change stream to shut down.
 CLOSE_TIMEOUT = 2.0
@@ -163,24 +149,6 @@ class Wakeup:
 
 
 # ------------------------------------------------------------------ waiting for a task's end
-
-# The changes that can end a task: an update that sets a terminal state, and anything but
-# an insert or an update (a replace, a delete; a drop or rename, which name no document).
-# Only the document's key and the changed state are kept (``_id``, the resume token, must stay).
-ENDING_CHANGES: list[dict[str, Any]] = [
-    {
-        "$match": {
-            "$or": [
-                {
-                    "operationType": "update",
-                    "updateDescription.updatedFields.state": {"$in": sorted(s.value for s in TERMINAL_STATES)},
-                },
-                {"operationType": {"$nin": ["insert", "update"]}},
-            ]
-        }
-    },
-    {"$project": {"documentKey": 1, "updateDescription.updatedFields.state": 1}},
-]
 
 # Seconds a collection's shared stream stays open after its last waiter leaves, for the next one.
 LINGER = 5.0
