@@ -6,8 +6,10 @@ needs a real wire-protocol server (change streams, TTL, several processes).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -92,6 +94,17 @@ async def db(backend: Backend) -> AsyncIterator[Any]:
     finally:
         await client.drop_database(name)
         await close_client(client)
+
+
+async def stop_subprocess(process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """SIGTERM a worker subprocess (it drains), and SIGKILL it if it has not exited within ``timeout``."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout=timeout)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
 
 
 @pytest.fixture

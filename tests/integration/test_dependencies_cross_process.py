@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import importlib
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from beanie import init_beanie
 
 from beanie_tasks import State
 from beanie_tasks.testing import eventually
-from tests.conftest import Backend
+from tests.conftest import Backend, stop_subprocess
 
 PARENT_MODULE = """
 from beanie_tasks import Task
@@ -107,13 +106,7 @@ async def parent_only_worker(backend: Backend, db: Any, modules: Modules) -> Asy
     try:
         yield process
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout=30)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
+        await stop_subprocess(process)
 
 
 async def pop_within(child_class: Any, seconds: float) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import textwrap
 from datetime import timedelta
@@ -21,7 +20,7 @@ import pytest
 from beanie_tasks import State, Task, Worker, claim_batch
 from beanie_tasks.task import utcnow
 from beanie_tasks.testing import eventually, running
-from tests.conftest import Backend
+from tests.conftest import Backend, stop_subprocess
 
 COLLECTION = "bt_inheritance_jobs"
 
@@ -239,13 +238,7 @@ async def test_workers_importing_one_class_each_finish_everything(backend: Backe
         await eventually(all_ended, timeout=60)
     finally:
         for process in processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=30)
-            except asyncio.TimeoutError:
-                process.kill()
-                await process.wait()
+            await stop_subprocess(process)
     logs = [(tmp_path / f"{name}.log").read_text()[-2000:] for name in modules]
     rows = [row async for row in Job.collection().find({}, {"state": 1, "error": 1, "_class_id": 1})]
     failed = [(row.get("_class_id"), row.get("error")) for row in rows if row["state"] != State.FINISHED.value]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 
 from beanie_tasks import PushError, State, Task, Worker
 from beanie_tasks.testing import eventually, running
-from tests.conftest import Backend
+from tests.conftest import Backend, stop_subprocess
 
 COLLECTION = "bt_tenanted"
 
@@ -151,13 +150,7 @@ async def test_cli_worker_with_partition_runs_only_it(backend: Backend, db: Any,
 
         await eventually(a_done, timeout=60)
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout=30)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
+        await stop_subprocess(process)
     assert await states_of(cls, b_tasks) == [State.CREATED, State.CREATED]
 
 
