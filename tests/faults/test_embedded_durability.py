@@ -21,7 +21,6 @@ DATABASE = "bt_durability"
 PUSHES = 200
 
 
-@pytest.mark.slow
 async def test_acknowledged_pushes_survive_a_sigkill(tmp_path: Path) -> None:
     server = EmbeddedServer(storage_path=str(tmp_path / "data"), log_path=str(tmp_path / "server.log"))
     try:
