@@ -46,7 +46,7 @@ class Sizes:
     memory_budget_seconds: float = 360.0
     memory_concurrency: int = 16
     # Dependency fan-out (dependents of one task) and fan-in (tasks one dependent waits for).
-    link_fans: tuple[tuple[int, int], ...] = ((1_000, 100), (10_000, 1_000), (100, 10_000))
+    link_fans: tuple[tuple[int, int], ...] = ((1_000, 100), (10_000, 1_000))
 
     @classmethod
     def quick(cls) -> Sizes:
