@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Beanie 1.x on Motor, with mongomock-motor as the in-process backend.
-$(BEANIE1)/.installed: pyproject.toml $(VENV)/.installed
+$(BEANIE1)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BEANIE1)
 	$(PY1) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(PY1) -m pip install $(PIP_FLAGS) -e '.[dev,server,motor]' 'beanie>=1.26,<2' 'mongomock-motor>=0.0.34'
@@ -25,7 +25,10 @@ $(BEANIE1)/.installed: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m beanie_tasks.demo
 
-test: check test-beanie2 test-beanie1
+# Both environments install side by side (mostly network and disk), then the checks and suites run in turn.
+test:
+	$(MAKE) -j2 $(VENV)/.installed $(BEANIE1)/.installed
+	$(MAKE) check test-beanie2 test-beanie1
 
 test-beanie2: $(VENV)/.installed
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)

@@ -15,7 +15,7 @@ from beanie import init_beanie
 from beanie_tasks import State, Task
 from tests.conftest import Backend
 
-TASKS = 120
+TASKS = 80
 PROCESSES = 4
 COROUTINES = 3
 

@@ -201,6 +201,7 @@ async def waiters_do_not_stall_pushes(backend: Any, streams: ChangeStreams, jobs
     assert [(d.id, d.state, d.result) for d in done] == [(j.id, State.FINISHED, j.n * j.n) for j in jobs]
 
 
+@pytest.mark.slow  # the volume run; the pool-of-four variant below runs on both stacks
 @pytest.mark.wire
 async def test_a_thousand_waiters_share_one_stream_and_do_not_stall_pushes(backend: Any, connect: Connect) -> None:
     streams = await connect()
