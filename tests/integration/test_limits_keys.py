@@ -1,4 +1,4 @@
-"""Concurrency keys at scale: blocked keys cost nothing to skip, free keys start at once, workers share.
+"""Concurrency keys at scale: blocked keys cost nothing to skip, free keys start at once.
 
 A full key's waiting tasks are parked in the database (not skipped by a per-process
 ``$nin``), so claims never read them, every consumer sees the same state, and a slot that
@@ -8,15 +8,13 @@ frees makes them due again at once. Empty slot documents are removed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import Counter
 from typing import Any, ClassVar
 
 import pytest
 
-from beanie_tasks import Priority, State, Task, Worker
+from beanie_tasks import Priority, State, Task
 from beanie_tasks.limits import LIMITS_COLLECTION
-from beanie_tasks.testing import eventually, running
 from tests.conftest import Backend
 
 BLOCKED_KEYS = 100
@@ -132,26 +130,3 @@ async def test_empty_slot_documents_are_removed() -> None:
     await one.finish()
     await two.fail("boom")
     assert await slots.count_documents({}) == 0
-
-
-@pytest.mark.wire
-async def test_two_workers_share_keyed_work() -> None:
-    """Two workers (concurrency 4 each) on 32 tasks of 8 keys (cap 1 each): the second worker is never
-    starved by the first one's view of full keys, both run a fair share, and no key ever runs twice."""
-    Record.seconds = 0.15
-    for n in range(32):
-        await Tenant(concurrency_key=f"k{n % 8}", n=n).push()
-    async with (
-        running(Worker([Tenant], concurrency=4, consumer_id="w1")),
-        running(Worker([Tenant], concurrency=4, consumer_id="w2")),
-    ):
-
-        async def all_done() -> bool:
-            return bool((await Tenant.counts())[State.FINISHED] == 32)
-
-        await eventually(all_done, timeout=30)
-    assert set(Record.by_worker) == {"w1", "w2"}, Record.by_worker
-    for key in {key for key, _, _ in Record.runs}:
-        spans = sorted((began, ended) for k, began, ended in Record.runs if k == key)
-        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"two runs of key {key} overlapped"
-    assert min(Record.by_worker.values()) >= 8, f"one worker took almost all keyed work: {Record.by_worker}"
