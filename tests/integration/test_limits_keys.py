@@ -1,4 +1,4 @@
-"""Concurrency keys at scale: blocked keys cost nothing to skip, free keys start at once.
+"""Concurrency keys at scale: blocked keys cost nothing to skip, free keys start at once, workers share.
 
 A full key's waiting tasks are parked in the database (not skipped by a per-process
 ``$nin``), so claims never read them, every consumer sees the same state, and a slot that
@@ -8,6 +8,12 @@ frees makes them due again at once. Empty slot documents are removed.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -15,6 +21,7 @@ import pytest
 
 from beanie_tasks import Priority, State, Task
 from beanie_tasks.limits import LIMITS_COLLECTION
+from beanie_tasks.testing import eventually
 from tests.conftest import Backend
 
 BLOCKED_KEYS = 100
@@ -130,3 +137,98 @@ async def test_empty_slot_documents_are_removed() -> None:
     await one.finish()
     await two.fail("boom")
     assert await slots.count_documents({}) == 0
+
+
+SHARING_WORKER = textwrap.dedent(
+    """
+    import asyncio, logging, os, sys, time
+
+    from beanie import init_beanie
+
+    from beanie_tasks import Task, Worker
+    from beanie_tasks.driver import client_for
+
+
+    class SharedTenant(Task):
+        n: int = 0
+
+        class TaskSettings:
+            key_concurrency = 1
+
+        async def run(self) -> None:
+            start = time.time()
+            await asyncio.sleep(0.3)
+            runs = SharedTenant.collection().database["runs"]
+            await runs.insert_one(
+                {"key": self.concurrency_key, "start": start, "end": time.time(), "by": self.consumer_id}
+            )
+
+
+    async def main() -> None:
+        # The worker's "running" line says its claim loop is about to start: the test waits for it.
+        handler = logging.StreamHandler(sys.stdout)
+        logging.getLogger("beanie_tasks").addHandler(handler)
+        logging.getLogger("beanie_tasks").setLevel(logging.INFO)
+        client = client_for(sys.argv[1])
+        await init_beanie(database=client[sys.argv[2]], document_models=[SharedTenant])
+        worker = Worker([SharedTenant], concurrency=4, consumer_id=sys.argv[3], grace_period=5)
+        worker.install_signal_handlers()
+        await worker.run()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.wire
+async def test_two_worker_processes_share_keyed_work(backend: Backend, db: Any) -> None:
+    """Two worker processes (concurrency 4 each), both running before 32 tasks of 8 keys (cap 1 each)
+    arrive: neither is starved by the other's claims (each runs at least a quarter), no key ever runs
+    twice at once, and every task runs once."""
+    from beanie import init_beanie
+
+    class SharedTenant(Task):
+        n: int = 0
+
+        class TaskSettings:
+            key_concurrency = 1
+
+        async def run(self) -> None: ...
+
+    await init_beanie(database=db, document_models=[SharedTenant])
+    command = [sys.executable, "-c", SHARING_WORKER, backend.uri or "", db.name]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    workers = [
+        subprocess.Popen([*command, name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220
+        for name in ("w1", "w2")
+    ]
+    try:
+        for process in workers:
+            assert process.stdout is not None
+            seen = []
+            for line in process.stdout:  # bounded: the worker logs "running" or exits
+                seen.append(line.decode(errors="replace"))
+                if " running " in seen[-1]:
+                    break
+            else:
+                raise AssertionError(f"a worker exited before running: {''.join(seen)}")
+        for n in range(32):
+            await SharedTenant(concurrency_key=f"k{n % 8}", n=n).push()
+
+        async def all_done() -> bool:
+            return bool((await SharedTenant.counts())[State.FINISHED] == 32)
+
+        await eventually(all_done, timeout=60)
+    finally:
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in workers:
+            process.wait(30)
+    runs = [row async for row in db["runs"].find({})]
+    assert len(runs) == 32
+    by_worker = Counter(row["by"] for row in runs)
+    assert min(by_worker["w1"], by_worker["w2"]) >= 8, f"one worker took almost all keyed work: {by_worker}"
+    for key in {row["key"] for row in runs}:
+        spans = sorted((row["start"], row["end"]) for row in runs if row["key"] == key)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"two runs of key {key} overlapped"
+    assert {t.attempts async for t in SharedTenant.find_all()} == {1}  # type: ignore[type-var]
