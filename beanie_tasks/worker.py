@@ -30,12 +30,14 @@ from typing import Any
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from beanie_tasks import clock
+from beanie_tasks.acks import ACK_WINDOW, FinishBatcher
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled, TransitionError
 from beanie_tasks.executors import ProcessRun, ThreadRun
-from beanie_tasks.limits import SLOT_CLAIM_GRACE
+from beanie_tasks.limits import SLOT_CLAIM_GRACE, LimitPolicy
 from beanie_tasks.redact import get_logger, redact_text
-from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id, describe_error
+from beanie_tasks.store import MAX_BATCH
+from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, claim, default_consumer_id, describe_error
 from beanie_tasks.wakeup import Wakeup
 
 log = get_logger("beanie_tasks.worker")
@@ -105,6 +107,7 @@ class Worker:
         use_change_stream: bool = True,
         schedules: bool = True,
         partitions: Sequence[Any] | None = None,
+        ack_window: float = ACK_WINDOW,
     ) -> None:
         classes = list(dict.fromkeys(_expand_modules(task_classes)))
         if not classes:
@@ -132,13 +135,25 @@ class Worker:
                 raise ValueError(
                     f"{task_class.__name__} has no TaskSettings.partition_by, so it cannot be pinned to partitions"
                 )
+        if ack_window < 0:
+            raise ValueError(f"ack_window must be >= 0 seconds (0 finishes each task on its own), got {ack_window!r}")
         self.stats: Counter[str] = Counter()
+        # Finishes that end within ``ack_window`` of each other share one bulk write.
+        self.acks = FinishBatcher(ack_window)
         # What the claim loop goes round: every class, once per partition this worker is pinned to.
         self._queues: list[tuple[type[Task], Any]] = [
             (task_class, partition) for task_class in classes for partition in (self.partitions or [None])
         ]
         self._running: dict[asyncio.Task[None], _Running] = {}
         self._next_class = 0
+        # Whether the last claim round passed over a class for lack of room (its cap was reached).
+        self._room_was_short = False
+        # Classes with caps or limits: a task of theirs ending can free room for another at once.
+        self._limited = any(
+            c.task_options.concurrency is not None or LimitPolicy.of(c.task_options).active for c in classes
+        )
+        # Queues whose last claim got all it asked for: a backlog, so the next claim asks for every free slot.
+        self._backlogged: set[int] = set()
         self._stop_requested = False
         self._stopping: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
@@ -229,6 +244,7 @@ class Worker:
             await self._claim_loop(wakeups)
         finally:
             await self._drain()
+            await self.acks.close()
             for wakeup in wakeups:
                 await wakeup.close()
             await self._stop_background(background)
@@ -298,6 +314,7 @@ class Worker:
                     self._slot_freed.clear()
                     await self._until(self._slot_freed, timeout=next_maintenance - loop.time())
                     continue
+                await self._gather_free_slots()
                 self._slot_freed.clear()  # a task ending from here on warrants another claim round
                 started = await self._claim_next()
             except ConnectionFailure as exc:
@@ -313,6 +330,24 @@ class Worker:
                     wakeup.claimed()
                 continue
             await self._idle(wakeups, until=next_maintenance - loop.time())
+
+    async def _gather_free_slots(self) -> None:
+        """On a backlog, let slots that free within one ack window gather, so one batch claim fills them.
+
+        Finishes of a backlog land together (``FinishBatcher``), so their slots free together
+        too; claiming each as it frees would cost a command per task again.
+        """
+        assert self._slot_freed is not None
+        if not self._backlogged or self.acks.window <= 0 or not self._running:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.acks.window
+        while self._running and self.concurrency - len(self._running) < max(2, self.concurrency // 2):
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._slot_freed.clear()
+            await self._until(self._slot_freed, timeout=left)
 
     async def _until(self, event: asyncio.Event, timeout: float) -> None:
         assert self._stopping is not None
@@ -334,7 +369,10 @@ class Worker:
             timeout = min(timeout, *blocked)
         waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(w.wait()) for w in wakeups]
         waiters.append(asyncio.ensure_future(self._stopping.wait()))
-        waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
+        if self._room_was_short or not all(w.streaming for w in wakeups) or self._limited:
+            # A task ending can make work claimable that no change event announces: a class
+            # at its cap, a freed limit slot, or a dependent a poll would only see later.
+            waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
         await self._first_of(waiters, timeout)
 
     @staticmethod
@@ -373,26 +411,43 @@ class Worker:
                 )
 
     async def _claim_next(self) -> bool:
-        """Claim one task, trying classes (and partitions) round-robin from where the last claim left off."""
+        """Claim, trying classes (and partitions) round-robin from where the last claim left off.
+
+        One task at a time (one ``findAndModify``) until a queue shows a backlog; then every
+        free slot is claimed in one go (a batch claim: three commands whatever the count).
+        """
         count = len(self._queues)
+        free = self.concurrency - len(self._running)
+        self._room_was_short = False
         for offset in range(count):
             index = (self._next_class + offset) % count
             task_class, partition = self._queues[index]
+            room = free
             cap = task_class.task_options.concurrency
-            if cap is not None and sum(type(r.task) is task_class for r in self._running.values()) >= cap:
+            if cap is not None:
+                room = min(room, cap - sum(type(r.task) is task_class for r in self._running.values()))
+            if room <= 0:
+                self._room_was_short = True
                 continue
+            limited = task_class.task_store().limits.active  # limited classes are claimed one candidate at a time
+            wanted = min(room, MAX_BATCH) if index in self._backlogged and not limited else 1
             try:
-                task = await task_class.pop(consumer_id=self.consumer_id, partition=partition)
+                tasks = await claim(task_class, wanted, consumer_id=self.consumer_id, partition=partition)
             except ConnectionFailure:
                 raise
             except PyMongoError as exc:  # a refusal about this class's data: the other classes are still claimed
                 self.stats["claim failed"] += 1
                 log.error("worker %s: claiming %s failed: %s", self.consumer_id, task_class.__name__, exc)
                 continue
-            if task is None:
+            if len(tasks) == wanted:
+                self._backlogged.add(index)
+            else:
+                self._backlogged.discard(index)
+            if not tasks:
                 continue
             self._next_class = (index + 1) % count
-            self._start(task)
+            for task in tasks:
+                self._start(task)
             return True
         return False
 
@@ -512,7 +567,10 @@ class Worker:
             self.stats["timed out"] += 1
             log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
         elif kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
-            await task.finish(value)
+            if len(self._running) > 1:  # others may end within the ack window and share the write
+                await self.acks.finish(task, value)
+            else:
+                await task.finish(value)
             self.stats[task.state.value.lower()] += 1
             log.debug("%s finished", name)
         elif reason == "shutdown" or kind == "stopped":
