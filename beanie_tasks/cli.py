@@ -8,6 +8,7 @@ see the traceback of an unexpected error.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import beanie_tasks
 from beanie_tasks import clock, driver, store
 from beanie_tasks.discovery import DiscoveryError, discover, find_class
 from beanie_tasks.errors import TaskError
@@ -63,6 +65,31 @@ app = typer.Typer(
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
+
+
+def installed_version() -> str:
+    """The installed distribution's version, or the package's own when it runs from a source tree."""
+    try:
+        return importlib.metadata.version("beanie-tasks")
+    except importlib.metadata.PackageNotFoundError:
+        return beanie_tasks.__version__
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        out.print(f"beanie-tasks {installed_version()}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Run beanie-tasks workers and look after their queues."""
+
 
 # ------------------------------------------------------------------ errors
 
