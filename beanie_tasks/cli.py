@@ -42,6 +42,7 @@ from rich.table import Table
 
 import beanie_tasks
 from beanie_tasks import clock, driver, store
+from beanie_tasks.admin import RequeueReport
 from beanie_tasks.discovery import DiscoveryError, discover, find_class
 from beanie_tasks.errors import TaskError
 from beanie_tasks.redact import scrub, secrets_in
@@ -515,21 +516,31 @@ def cancel(
 @app.command("requeue-failed")
 def requeue_failed(
     class_name: Annotated[str, typer.Argument(metavar="CLASS", help="Task class name.", show_default=False)],
+    with_dependents: Annotated[
+        bool,
+        typer.Option("--with-dependents", help="Also requeue the dependents that failed because these tasks failed."),
+    ] = False,
     module: ModulesOption = None,
     uri: UriOption = None,
     database: DatabaseOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
-    """Give every FAILED task of CLASS a fresh set of attempts."""
+    """Give every FAILED task of CLASS a fresh set of attempts; say which stay FAILED and why."""
     connection = Connection.resolve(uri, database, timeout)
 
-    async def act(classes: list[type[Task]]) -> tuple[str, int]:
+    async def act(classes: list[type[Task]]) -> tuple[str, RequeueReport]:
         cls = find_class(classes, class_name)
-        return cls.__name__, await cls.requeue_failed()
+        return cls.__name__, await cls.requeue_failed_report(with_dependents=with_dependents)
 
     with spinner(f"requeueing failed {class_name} tasks"):
-        name, count = run(lambda: with_classes(module, connection, act))
-    out.print(f"requeued {count} FAILED {name} task(s)")
+        name, report = run(lambda: with_classes(module, connection, act))
+    out.print(f"requeued {report.requeued} FAILED {name} task(s)", markup=False)
+    if with_dependents:
+        out.print(f"requeued {report.dependents} dependent task(s) with them, waiting for their links", markup=False)
+    if report.skipped:
+        out.print(f"skipped {report.skipped_total} FAILED task(s):", markup=False)
+        for reason, count in sorted(report.skipped.items(), key=lambda item: -item[1]):
+            out.print(redact(f"  {count} {reason}"), markup=False, soft_wrap=True)
 
 
 def parse_states(values: Sequence[str]) -> list[State]:
