@@ -37,13 +37,14 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import beanie_tasks
 from beanie_tasks import clock, driver, store
 from beanie_tasks.admin import RequeueReport
-from beanie_tasks.discovery import DiscoveryError, discover, find_class
+from beanie_tasks.discovery import DiscoveryError, discover, find_class, imported_from_elsewhere
 from beanie_tasks.errors import TaskError
 from beanie_tasks.redact import scrub, secrets_in
 from beanie_tasks.schedule import Schedule, ScheduleError, schedule_key, scheduled_classes
@@ -238,7 +239,12 @@ async def with_classes(
     action: Callable[[list[type[Task]]], Awaitable[T]],
 ) -> T:
     """Import ``modules``, connect, run ``action`` with the task classes, close the client."""
-    classes = discover(list(modules or []))
+    if not modules:
+        raise CliError(
+            "no task modules given: pass --module/-m myapp.tasks (repeatable) or set BEANIE_TASKS_MODULES "
+            "(several modules separated by spaces)"
+        )
+    classes = discover(list(modules))
     client = await connection.open(classes)
     try:
         return await action(classes)
@@ -256,13 +262,13 @@ def _has_run(task_class: type[Task]) -> bool:
 @app.command()
 def worker(
     modules: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             envvar="BEANIE_TASKS_MODULES",
             show_default=False,
             help="Modules defining the task classes to run.",
         ),
-    ],
+    ] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Tasks run at once.")] = 10,
     only: Annotated[
         list[str] | None,
@@ -294,6 +300,11 @@ def worker(
     """Run the tasks of MODULES until SIGTERM or Ctrl-C (a second one exits at once)."""
     from beanie_tasks.worker import Worker
 
+    if not modules:
+        fail(
+            "no task modules given: name them (beanie-tasks worker myapp.tasks) or set BEANIE_TASKS_MODULES "
+            "(several modules separated by spaces)"
+        )
     connection = Connection.resolve(uri, database, timeout)
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
@@ -305,6 +316,8 @@ def worker(
         runnable = [cls for cls in chosen if _has_run(cls)]
         if not runnable:
             raise CliError(f"no task class with a run() method in {', '.join(modules)}")
+        for line in imported_from_elsewhere(modules, runnable):
+            err.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
         client = await connection.open(classes)
         try:
             if schedules:
@@ -325,7 +338,7 @@ def worker(
             names = ", ".join(cls.__name__ for cls in runnable)
             pinned = f", partitions {', '.join(partition)}" if partition else ""
             started = f"worker {runner.consumer_id}: {names} on {connection.database}"
-            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"))
+            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"), soft_wrap=True)
             await runner.run()
         finally:
             await driver.close_client(client)
@@ -399,22 +412,33 @@ def status(
         out.print_json(json.dumps(rows))
         return
     table = Table(title=redact(f"tasks in {connection.database}"))
-    table.add_column("class")
+    table.add_column("class", no_wrap=True, min_width=longest_name(rows))
     for state in State:
-        table.add_column(state.value, justify="right")
-    table.add_column("oldest ready", justify="right")
+        table.add_column(state.value, justify="right", min_width=len(state.value))
+    table.add_column("oldest ready", justify="right", min_width=len("oldest"))
     for row in rows:
         ready = row["oldest_ready_seconds"]
         table.add_row(row["class"], *(str(row[s.value]) for s in State), age(ready) if ready is not None else "-")
-    out.print(table)
+    print_whole(table)
     periodic = [row for row in rows if "schedule" in row]
     if periodic:
         schedules_table = Table(title="periodic classes")
-        for column in ("class", "schedule", "last slot", "next slot"):
-            schedules_table.add_column(column)
+        schedules_table.add_column("class", no_wrap=True, min_width=longest_name(periodic))
+        for column in ("schedule", "last slot", "next slot"):
+            schedules_table.add_column(column, no_wrap=True)
         for row in periodic:
-            schedules_table.add_row(row["class"], row["schedule"], row["last_slot"] or "-", row["next_slot"])
-        out.print(schedules_table)
+            schedules_table.add_row(row["class"], row["schedule"], row["last_slot"] or "never", row["next_slot"])
+        print_whole(schedules_table)
+
+
+def longest_name(rows: Sequence[dict[str, Any]]) -> int:
+    return max((len(row["class"]) for row in rows), default=5)
+
+
+def print_whole(table: Table) -> None:
+    """Print ``table`` without cutting a cell: wider than the terminal when it must be."""
+    needed = Measurement.get(out, out.options, table).minimum
+    out.print(table, width=max(out.width, needed), crop=False)
 
 
 # ------------------------------------------------------- one task by id
