@@ -6,6 +6,7 @@ import importlib
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from beanie import Link
 
 from beanie_tasks import Backoff, DependencyType, State, Task, TaskOptions, Worker, depends_on
+from beanie_tasks.task import utcnow
 from beanie_tasks.testing import eventually, running
 
 FAST_RETRY = Backoff(base=0.05, factor=1.0, maximum=0.05, jitter=0.0)
@@ -238,3 +240,21 @@ async def test_process_executor_handlers_follow_the_filters(
         at_once = await eventually(lambda: ended(child, final.id), timeout=60)
     assert exhausted.state is State.FAILED and exhausted.attempts == 3
     assert at_once.state is State.FAILED and at_once.attempts == 1 and at_once.error == "ValueError: bad payload"
+
+
+async def test_a_redelivered_task_that_finishes_has_no_error() -> None:
+    """A lost lease is noted in last_error, not error: the task did not fail."""
+    await Fetch(kind="value").push()
+    task = await Fetch.pop()
+    assert task is not None
+    await Fetch.collection().update_one(
+        {"_id": task.id}, {"$set": {"lease_expires_at": utcnow() - timedelta(minutes=5)}}
+    )
+    assert await Fetch.recover_expired() == 1
+    again = await Fetch.pop()
+    assert again is not None and again.id == task.id and again.error is None
+    assert again.last_error is not None and "lease expired" in again.last_error
+    await again.finish("done")
+    stored = await Fetch.get(task.id)
+    assert stored is not None and stored.state is State.FINISHED and stored.error is None
+    assert stored.last_error == again.last_error
