@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from beanie import Link
 
-from beanie_tasks import Backoff, DependencyType, State, Task, TaskOptions, Worker, depends_on
+from beanie_tasks import Backoff, DependencyType, State, Task, Worker, depends_on
 from beanie_tasks.task import utcnow
 from beanie_tasks.testing import eventually, running
 
@@ -128,29 +128,6 @@ async def ended(task_class: type[Task], task_id: Any) -> Task | None:
 
 def worker(*classes: type[Task]) -> Worker:
     return Worker(list(classes), concurrency=4, use_change_stream=False, schedules=False)
-
-
-# ------------------------------------------------------------ declaration
-
-
-def test_filters_are_checked_at_class_definition() -> None:
-    assert Fetch.task_options.retry_on == (TimeoutError, ConnectionError)
-    assert SyncFetch.task_options.retry_on == (TimeoutError,)
-    with pytest.raises(TypeError, match=r"TaskSettings\.retry_on must be exception classes.*'TimeoutError'"):
-
-        class Bad(Task):
-            class TaskSettings:
-                retry_on = ("TimeoutError",)
-
-    with pytest.raises(TypeError, match=r"TaskSettings\.dont_retry_on must be exception classes.*int"):
-        TaskOptions(dont_retry_on=(KeyError, int))  # type: ignore[arg-type]
-
-
-def test_the_filter_decision() -> None:
-    options = TaskOptions(retry_on=(OSError,), dont_retry_on=(FileNotFoundError,))
-    assert options.retries(ConnectionError()) and not options.retries(ValueError())
-    assert not options.retries(FileNotFoundError()), "dont_retry_on is checked first"
-    assert options.retries("a message names no type: retried as before") and TaskOptions().retries(ValueError())
 
 
 # ------------------------------------------------------------ through a worker
