@@ -61,6 +61,10 @@ def app_dir(tmp_path: Path) -> Path:
     (tmp_path / "bt_gaps_app.py").write_text(APP_SOURCE)
     (tmp_path / "bt_gaps_unbuildable.py").write_text(UNBUILDABLE_SOURCE)
     (tmp_path / "bt_gaps_reexport.py").write_text(REEXPORT_SOURCE)
+    package = tmp_path / "bt_gaps_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from bt_gaps_pkg.jobs import Cleanup  # noqa: F401\n")
+    (package / "jobs.py").write_text(APP_SOURCE.replace(LONG_NAME, "Cleanup"))
     return tmp_path
 
 
@@ -117,8 +121,10 @@ def test_worker_warns_about_task_classes_imported_from_elsewhere(app_dir: Path) 
         "HourlyReport (defined in bt_gaps_app)"
     ), done.stderr
     assert done.returncode == 1 and "cannot reach MongoDB" in lines[1]
-    quiet = cli("worker", "bt_gaps_app", "--timeout", "0.5", cwd=app_dir, MONGODB_URI=uri)
-    assert "warning" not in quiet.stderr, "a module defining its own classes is not warned about"
+    for module in ("bt_gaps_app", "bt_gaps_pkg"):
+        quiet = cli("worker", module, "--timeout", "0.5", cwd=app_dir, MONGODB_URI=uri)
+        assert "cannot reach MongoDB" in quiet.stderr
+        assert "warning" not in quiet.stderr, f"{module} defines its classes itself or in a submodule"
 
 
 @pytest.mark.wire
