@@ -2,6 +2,7 @@
 
 from beanie import Link
 
+from beanie_tasks.admin import RequeueReport
 from beanie_tasks.batch import Acknowledgement, claim_batch, finish_batch
 from beanie_tasks.dependencies import OnFailure, depends_on
 from beanie_tasks.errors import LeaseLost, PushError, TaskCancelled, TaskError, TaskFailed, TransitionError, WaitTimeout
@@ -22,6 +23,7 @@ __all__ = [
     "Priority",
     "PushError",
     "RateLimit",
+    "RequeueReport",
     "Schedule",
     "ScheduleError",
     "State",

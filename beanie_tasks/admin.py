@@ -7,6 +7,7 @@ so a sibling class sharing the collection is never touched.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from beanie_tasks import dependencies
@@ -25,14 +26,59 @@ async def counts(store: Store) -> dict[State, int]:
     return {state: found.get(state.value, 0) for state in State}
 
 
-async def requeue_failed(store: Store) -> int:
-    """Give FAILED tasks a fresh set of attempts; returns how many were requeued.
+@dataclass
+class RequeueReport:
+    """What ``requeue_failed`` did: tasks requeued, dependents requeued with them, and why others were not."""
 
-    A task failed because a dependency failed, or still waiting for one, stays FAILED:
-    requeued, it would run without its links. A task whose ``dedupe_key`` is taken by a
-    newer in-flight task stays FAILED too.
+    requeued: int = 0
+    dependents: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        if count:
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+FAILED_BY_LINK = "failed because a dependency failed (requeue that dependency with its dependents)"
+FAILED_WHILE_PARKED = "failed while it still waited for a dependency"
+DEDUPE_TAKEN = "its dedupe_key is taken by a live task"
+
+
+async def requeue_failed_report(store: Store, *, with_dependents: bool = False) -> RequeueReport:
+    """Give FAILED tasks a fresh set of attempts; says how many, and why the others stay FAILED.
+
+    A task failed because a dependency failed, or while still waiting for one, stays
+    FAILED: requeued alone, it would run without its links. ``with_dependents`` also
+    requeues, down the graph, the dependents that failed because a requeued task failed:
+    each waits again for its links, so it runs after them. A task whose ``dedupe_key``
+    is taken by a newer in-flight task stays FAILED. The error of each requeued task is
+    kept as ``last_error``.
     """
-    return await store.requeue(store.now())
+    report = RequeueReport()
+    requeued, clashes, parents = await store.requeue(store.now(), with_dependents=with_dependents)
+    report.requeued = requeued
+    report.skip(DEDUPE_TAKEN, clashes)
+    left: list[Any] = []
+    if parents:
+        restored = await dependencies.requeue_dependents(store, parents)
+        report.dependents = restored.restored
+        for task_id, reason in restored.skipped:
+            report.skip(reason)
+            left.append(task_id)
+    by_link, parked = await store.unrequeueable(besides=left)
+    report.skip(FAILED_BY_LINK, by_link)
+    report.skip(FAILED_WHILE_PARKED, parked)
+    return report
+
+
+async def requeue_failed(store: Store, *, with_dependents: bool = False) -> int:
+    """Give FAILED tasks a fresh set of attempts; returns how many were requeued (see ``requeue_failed_report``)."""
+    report = await requeue_failed_report(store, with_dependents=with_dependents)
+    return report.requeued + report.dependents
 
 
 async def purge(store: Store, states: Iterable[State | str], *, force: bool = False) -> int:

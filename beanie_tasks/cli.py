@@ -8,6 +8,7 @@ see the traceback of an unexpected error.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -36,11 +37,14 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import beanie_tasks
 from beanie_tasks import clock, driver, store
-from beanie_tasks.discovery import DiscoveryError, discover, find_class
+from beanie_tasks.admin import RequeueReport
+from beanie_tasks.discovery import DiscoveryError, discover, find_class, imported_from_elsewhere
 from beanie_tasks.errors import TaskError
 from beanie_tasks.redact import scrub, secrets_in
 from beanie_tasks.schedule import Schedule, ScheduleError, schedule_key, scheduled_classes
@@ -63,6 +67,31 @@ app = typer.Typer(
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 T = TypeVar("T")
+
+
+def installed_version() -> str:
+    """The installed distribution's version, or the package's own when it runs from a source tree."""
+    try:
+        return importlib.metadata.version("beanie-tasks")
+    except importlib.metadata.PackageNotFoundError:
+        return beanie_tasks.__version__
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        out.print(f"beanie-tasks {installed_version()}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Run beanie-tasks workers and look after their queues."""
+
 
 # ------------------------------------------------------------------ errors
 
@@ -210,7 +239,12 @@ async def with_classes(
     action: Callable[[list[type[Task]]], Awaitable[T]],
 ) -> T:
     """Import ``modules``, connect, run ``action`` with the task classes, close the client."""
-    classes = discover(list(modules or []))
+    if not modules:
+        raise CliError(
+            "no task modules given: pass --module/-m myapp.tasks (repeatable) or set BEANIE_TASKS_MODULES "
+            "(several modules separated by spaces)"
+        )
+    classes = discover(list(modules))
     client = await connection.open(classes)
     try:
         return await action(classes)
@@ -228,13 +262,13 @@ def _has_run(task_class: type[Task]) -> bool:
 @app.command()
 def worker(
     modules: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             envvar="BEANIE_TASKS_MODULES",
             show_default=False,
             help="Modules defining the task classes to run.",
         ),
-    ],
+    ] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Tasks run at once.")] = 10,
     only: Annotated[
         list[str] | None,
@@ -266,6 +300,11 @@ def worker(
     """Run the tasks of MODULES until SIGTERM or Ctrl-C (a second one exits at once)."""
     from beanie_tasks.worker import Worker
 
+    if not modules:
+        fail(
+            "no task modules given: name them (beanie-tasks worker myapp.tasks) or set BEANIE_TASKS_MODULES "
+            "(several modules separated by spaces)"
+        )
     connection = Connection.resolve(uri, database, timeout)
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
@@ -277,6 +316,8 @@ def worker(
         runnable = [cls for cls in chosen if _has_run(cls)]
         if not runnable:
             raise CliError(f"no task class with a run() method in {', '.join(modules)}")
+        for line in imported_from_elsewhere(modules, runnable):
+            err.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
         client = await connection.open(classes)
         try:
             if schedules:
@@ -297,7 +338,7 @@ def worker(
             names = ", ".join(cls.__name__ for cls in runnable)
             pinned = f", partitions {', '.join(partition)}" if partition else ""
             started = f"worker {runner.consumer_id}: {names} on {connection.database}"
-            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"))
+            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"), soft_wrap=True)
             await runner.run()
         finally:
             await driver.close_client(client)
@@ -371,22 +412,33 @@ def status(
         out.print_json(json.dumps(rows))
         return
     table = Table(title=redact(f"tasks in {connection.database}"))
-    table.add_column("class")
+    table.add_column("class", no_wrap=True, min_width=longest_name(rows))
     for state in State:
-        table.add_column(state.value, justify="right")
-    table.add_column("oldest ready", justify="right")
+        table.add_column(state.value, justify="right", min_width=len(state.value))
+    table.add_column("oldest ready", justify="right", min_width=len("oldest"))
     for row in rows:
         ready = row["oldest_ready_seconds"]
         table.add_row(row["class"], *(str(row[s.value]) for s in State), age(ready) if ready is not None else "-")
-    out.print(table)
+    print_whole(table)
     periodic = [row for row in rows if "schedule" in row]
     if periodic:
         schedules_table = Table(title="periodic classes")
-        for column in ("class", "schedule", "last slot", "next slot"):
-            schedules_table.add_column(column)
+        schedules_table.add_column("class", no_wrap=True, min_width=longest_name(periodic))
+        for column in ("schedule", "last slot", "next slot"):
+            schedules_table.add_column(column, no_wrap=True)
         for row in periodic:
-            schedules_table.add_row(row["class"], row["schedule"], row["last_slot"] or "-", row["next_slot"])
-        out.print(schedules_table)
+            schedules_table.add_row(row["class"], row["schedule"], row["last_slot"] or "never", row["next_slot"])
+        print_whole(schedules_table)
+
+
+def longest_name(rows: Sequence[dict[str, Any]]) -> int:
+    return max((len(row["class"]) for row in rows), default=5)
+
+
+def print_whole(table: Table) -> None:
+    """Print ``table`` without cutting a cell: wider than the terminal when it must be."""
+    needed = Measurement.get(out, out.options, table).minimum
+    out.print(table, width=max(out.width, needed), crop=False)
 
 
 # ------------------------------------------------------- one task by id
@@ -488,21 +540,31 @@ def cancel(
 @app.command("requeue-failed")
 def requeue_failed(
     class_name: Annotated[str, typer.Argument(metavar="CLASS", help="Task class name.", show_default=False)],
+    with_dependents: Annotated[
+        bool,
+        typer.Option("--with-dependents", help="Also requeue the dependents that failed because these tasks failed."),
+    ] = False,
     module: ModulesOption = None,
     uri: UriOption = None,
     database: DatabaseOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
-    """Give every FAILED task of CLASS a fresh set of attempts."""
+    """Give every FAILED task of CLASS a fresh set of attempts; say which stay FAILED and why."""
     connection = Connection.resolve(uri, database, timeout)
 
-    async def act(classes: list[type[Task]]) -> tuple[str, int]:
+    async def act(classes: list[type[Task]]) -> tuple[str, RequeueReport]:
         cls = find_class(classes, class_name)
-        return cls.__name__, await cls.requeue_failed()
+        return cls.__name__, await cls.requeue_failed_report(with_dependents=with_dependents)
 
     with spinner(f"requeueing failed {class_name} tasks"):
-        name, count = run(lambda: with_classes(module, connection, act))
-    out.print(f"requeued {count} FAILED {name} task(s)")
+        name, report = run(lambda: with_classes(module, connection, act))
+    out.print(f"requeued {report.requeued} FAILED {name} task(s)", markup=False)
+    if with_dependents:
+        out.print(f"requeued {report.dependents} dependent task(s) with them, waiting for their links", markup=False)
+    if report.skipped:
+        out.print(f"skipped {report.skipped_total} FAILED task(s):", markup=False)
+        for reason, count in sorted(report.skipped.items(), key=lambda item: -item[1]):
+            out.print(redact(f"  {count} {reason}"), markup=False, soft_wrap=True)
 
 
 def parse_states(values: Sequence[str]) -> list[State]:

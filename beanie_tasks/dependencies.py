@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -29,7 +29,7 @@ from beanie import Document
 from bson import DBRef
 from pydantic import Field, JsonValue
 from pydantic.fields import FieldInfo
-from pymongo.errors import InvalidName, PyMongoError
+from pymongo.errors import DuplicateKeyError, InvalidName, PyMongoError
 
 from beanie_tasks import clock, store
 from beanie_tasks.errors import PushError
@@ -474,6 +474,107 @@ async def prepare_push(
         document["dep_blocked"] = True
         document["dep_wait"] = wait
     return PushPlan(owner, pending, fields_of, outcome)
+
+
+# ------------------------------------------------------------------ requeueing
+
+# What a failed dependent's fresh readiness writes (``prepare_push`` computes them).
+READINESS_FIELDS = ("dep_links", "dep_pk", "dep_ttl", "dep_run_at", "run_at", "dep_blocked", "dep_wait")
+
+
+@dataclass
+class Restored:
+    """Dependents put back to wait for requeued tasks, and those left FAILED with the reason."""
+
+    restored: int = 0
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
+
+
+def _by_cause(rows: Sequence[Mapping[str, Any]]) -> dict[Any, list[Mapping[str, Any]]]:
+    """Failed dependents indexed by the id of each dependency whose failure is recorded as their cause."""
+    found: dict[Any, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        links = row.get("dep_links")
+        for link in links.values() if isinstance(links, Mapping) else ():
+            cause = link.get("cause") if isinstance(link, Mapping) else None
+            if isinstance(cause, Mapping) and "id" in cause:
+                found.setdefault(cause["id"], []).append(row)
+    return found
+
+
+def _store_for(collection: Any, document: Mapping[str, Any]) -> Store | None:
+    """The registered store of the dependent's class: the most specific one that owns it."""
+    owners = [s for s in store.stores_in(str(collection.name)) if s.owns(document)]
+    owners.sort(key=lambda s: len(str(s.scope())))
+    return owners[0] if owners else None
+
+
+async def _restore_one(collection: Any, dependent_id: Any) -> str | None:
+    """Requeue one dependent failed by its links, waiting again for them; the reason it stays FAILED, or None."""
+    document = await store.read_task(collection, dependent_id)
+    if document is None or document.get("state") != State.FAILED.value or not document.get("dep_failed"):
+        return "it is no longer FAILED because of a dependency"
+    owner = _store_for(collection, document)
+    if owner is None:
+        return f"its class (collection {collection.name!r}) is not imported in this process"
+    try:
+        links = tuple(
+            LinkField(name, DependencyType(link["kind"]), OnFailure(link["on_failure"]))
+            for name, link in document["dep_links"].items()
+        )
+        fresh = {k: v for k, v in document.items() if not k.startswith("dep_")}
+        fresh["run_at"] = owner.now()
+        plan = await prepare_push(owner, owner.name, links, fresh)
+    except PushError as exc:
+        return f"a dependency can no longer be linked ({exc})"
+    except BAD_BOOKKEEPING as exc:
+        return f"its dependency bookkeeping is malformed ({type(exc).__name__}: {exc})"
+    assert plan is not None
+    if plan.outcome.failure is not None:
+        return f"a dependency is still failed: {plan.outcome.failure}"
+    fields = {name: fresh[name] for name in READINESS_FIELDS if name in fresh}
+    try:
+        if not await store.restore_dependent(collection, document, fields):
+            return "it changed while being requeued"
+    except DuplicateKeyError:
+        return f"its dedupe_key {document.get('dedupe_key')!r} is taken by a live task"
+    await plan.register(dependent_id)
+    return None
+
+
+async def requeue_dependents(owner: Store, parents: Sequence[Mapping[str, Any]]) -> Restored:
+    """Requeue, down the graph, the dependents that failed because one of ``parents`` (just requeued) failed.
+
+    Each waits again for its links, as if pushed now, so it runs after them. Dependents
+    are found by the cause each keeps; one ``find`` per collection reads every task there
+    that failed by its links (an admin operation, not a hot path).
+    """
+    outcome = Restored()
+    database = owner.raw.database
+    failed_in: dict[str, dict[Any, list[Mapping[str, Any]]]] = {}
+    seen: set[Any] = set()
+    work = [(row["_id"], row) for row in parents]
+    while work:
+        parent_id, parent = work.pop()
+        try:
+            names = dependents_in(parent)
+        except TypeError as exc:
+            log.error("%s %s: %s; its dependents were not requeued", owner.name, parent_id, exc)
+            continue
+        for name in names:
+            if name not in failed_in:
+                failed_in[name] = _by_cause(await store.failed_by_links(database[name]))
+            for row in failed_in[name].pop(parent_id, []):
+                if row["_id"] in seen:
+                    continue
+                seen.add(row["_id"])
+                reason = await _restore_one(database[name], row["_id"])
+                if reason is None:
+                    outcome.restored += 1
+                    work.append((row["_id"], row))
+                else:
+                    outcome.skipped.append((row["_id"], reason))
+    return outcome
 
 
 # ------------------------------------------------------------------ repair

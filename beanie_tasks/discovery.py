@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from types import ModuleType
 
 from beanie_tasks.task import Task
@@ -60,6 +60,28 @@ def discover(names: Sequence[str]) -> list[type[Task]]:
     if not classes:
         raise DiscoveryError(f"no Task subclasses found in {', '.join(names)}")
     return classes
+
+
+def defined_in(task_class: type[Task], module_name: str) -> bool:
+    """Whether ``task_class`` is defined in the module ``module_name`` or one of its submodules."""
+    return task_class.__module__ == module_name or task_class.__module__.startswith(f"{module_name}.")
+
+
+def imported_from_elsewhere(names: Sequence[str], wanted: Collection[type[Task]]) -> list[str]:
+    """One line per named module that holds classes of ``wanted`` defined outside it (and its submodules).
+
+    A worker runs every task class it finds in a module, imported ones included; an
+    import added for another reason (a type hint, a link) would quietly make it run that
+    class too, so the operator is told.
+    """
+    lines = []
+    for name in names:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        foreign = [cls for cls in task_classes_in([module]) if cls in wanted and not defined_in(cls, module.__name__)]
+        if foreign:
+            where = ", ".join(f"{cls.__name__} (defined in {cls.__module__})" for cls in foreign)
+            lines.append(f"{name} imports task classes defined elsewhere, and this worker runs them too: {where}")
+    return lines
 
 
 def find_class(classes: Sequence[type[Task]], name: str) -> type[Task]:

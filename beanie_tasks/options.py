@@ -105,6 +105,17 @@ class RateLimit:
         return f"{self.count}/{self.per:g}s"
 
 
+def _exception_types(name: str, value: Any) -> tuple[type[BaseException], ...] | None:
+    """``retry_on`` / ``dont_retry_on``: None, one exception class, or a tuple of them."""
+    if value is None:
+        return None
+    types = value if isinstance(value, (tuple, list, frozenset, set)) else (value,)
+    for item in types:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"TaskSettings.{name} must be exception classes (such as TimeoutError), got {item!r}")
+    return tuple(types)
+
+
 def _check_limits(options: TaskOptions) -> None:
     for name in ("concurrency", "key_concurrency"):
         value = getattr(options, name)
@@ -146,6 +157,10 @@ class TaskOptions:
     key_concurrency: int | None = None
     # Sharding (store.py): the field that leads the claim and dedupe indexes, usable as a shard key.
     partition_by: str | None = None
+    # Retry filters: only exceptions of ``retry_on`` types are retried (None: every one), and
+    # ``dont_retry_on`` types never are (checked first); any other failure ends FAILED at once.
+    retry_on: tuple[type[BaseException], ...] | None = None
+    dont_retry_on: tuple[type[BaseException], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("visibility_timeout", "poll_interval", "recovery_interval"):
@@ -170,6 +185,20 @@ class TaskOptions:
             raise TypeError(f"TaskSettings.partition_by must name a field, got {self.partition_by!r}")
         _check_schedule(self)
         _check_limits(self)
+        for name in ("retry_on", "dont_retry_on"):
+            object.__setattr__(self, name, _exception_types(name, getattr(self, name)))
+
+    def retries(self, error: BaseException | str | None) -> bool:
+        """Whether a failed attempt that raised ``error`` may be retried under the class's filters.
+
+        A worker's own timeout counts as a ``TimeoutError``; any other message without an
+        exception (``fail("reason")``) is retried whatever the filters say.
+        """
+        if not isinstance(error, BaseException):
+            return True
+        if self.dont_retry_on is not None and isinstance(error, self.dont_retry_on):
+            return False
+        return self.retry_on is None or isinstance(error, self.retry_on)
 
     @property
     def lease(self) -> timedelta:

@@ -36,6 +36,7 @@ from typing import Any
 
 from beanie import PydanticObjectId
 from croniter import croniter
+from pydantic import ValidationError
 
 from beanie_tasks import clock, driver, store
 from beanie_tasks.clock import as_utc
@@ -191,9 +192,16 @@ def build_task(task_class: type[Task], slot: datetime) -> Task:
     factory = getattr(task_class, "for_slot", None)
     try:
         task = factory(slot) if callable(factory) else task_class()
-    except Exception as exc:
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()[:5])
         raise ScheduleError(
-            f"periodic task {task_class.__name__} cannot be built for slot {slot.isoformat()}: {describe_error(exc)}"
+            f"periodic task {task_class.__name__} cannot be built for slot {slot.isoformat()}: {problems} "
+            "(give its fields defaults, or define a for_slot(slot) classmethod that builds the task)"
+        ) from exc
+    except Exception as exc:
+        reason = " ".join(str(describe_error(exc)).split())
+        raise ScheduleError(
+            f"periodic task {task_class.__name__} cannot be built for slot {slot.isoformat()}: {reason}"
         ) from exc
     if not isinstance(task, task_class):
         raise ScheduleError(

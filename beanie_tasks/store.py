@@ -770,7 +770,10 @@ class Store:
                 {
                     "$set": {
                         "state": {"$cond": [exhausted, State.FAILED.value, State.CREATED.value]},
-                        "error": {"$cond": [exhausted, reason, "lease expired while running; delivered again"]},
+                        "error": {"$cond": [exhausted, reason, "$error"]},
+                        "last_error": {
+                            "$cond": [exhausted, "$last_error", "lease expired while running; delivered again"]
+                        },
                         "attempts": {"$max": [0, {"$subtract": ["$attempts", 1]}]},
                         "redeliveries": {"$cond": [exhausted, redeliveries, {"$add": [redeliveries, 1]}]},
                         "finished_at": {"$cond": [exhausted, now, None]},
@@ -866,30 +869,63 @@ class Store:
         """FAILED tasks that may run again: not failed because of a link, not waiting for one."""
         return self.scope() | {"state": State.FAILED.value, "dep_failed": None, "dep_blocked": None}
 
-    async def requeue(self, now: datetime) -> int:
-        fields = {
+    @staticmethod
+    def requeue_update(now: datetime, dedupe_key: str | None = None) -> list[dict[str, Any]]:
+        """A fresh set of attempts, the failure kept as ``last_error`` (a pipeline, so one write does both)."""
+        fields: dict[str, Any] = {
             "state": State.CREATED.value,
             "attempts": 0,
             "run_at": now,
             "finished_at": None,
             "expires_at": None,
             "lease_token": None,  # a fresh, unclaimed task: the last holder's token no longer applies
+            "error": None,
         }
+        if dedupe_key is not None:
+            fields["dedupe_slot"] = dedupe_key
+        literal = {name: {"$literal": value} for name, value in fields.items()}
+        return [{"$set": {"last_error": {"$ifNull": ["$error", "$last_error"]}} | literal}]
+
+    async def requeue(self, now: datetime, *, with_dependents: bool = False) -> tuple[int, int, list[dict[str, Any]]]:
+        """Requeue the requeueable FAILED tasks: how many, how many a live dedupe twin kept FAILED,
+        and (``with_dependents``) the requeued ones that have dependents, with their ``dependents_in``."""
         failed = self.requeueable()
-        result = await self.collection.update_many(failed | {"dedupe_key": None}, {"$set": fields})
-        requeued = int(result.modified_count)
+        parents: list[dict[str, Any]] = []
+        if with_dependents:
+            cursor = self.collection.find(failed | {"dependents_in.0": {"$exists": True}}, {"dependents_in": 1})
+            parents = [row async for row in cursor]
+        result = await self.collection.update_many(failed | {"dedupe_key": None}, self.requeue_update(now))
+        requeued, clashes = int(result.modified_count), 0
+        kept: set[Any] = set()
         async for row in self.collection.find(failed | {"dedupe_key": {"$ne": None}}, {"dedupe_key": 1}):
             try:
                 outcome = await self.collection.update_one(
                     {"_id": row["_id"], "state": State.FAILED.value},
-                    {"$set": fields | {"dedupe_slot": row["dedupe_key"]}},
+                    self.requeue_update(now, row["dedupe_key"]),
                 )
                 requeued += outcome.modified_count
             except DuplicateKeyError:
+                clashes += 1
+                kept.add(row["_id"])
                 log.info(
                     "%s %s stays FAILED: dedupe_key %r is in flight again", self.name, row["_id"], row["dedupe_key"]
                 )
-        return requeued
+        return requeued, clashes, [row for row in parents if row["_id"] not in kept]
+
+    async def unrequeueable(self, besides: Sequence[Any] = ()) -> tuple[int, int]:
+        """FAILED tasks requeueing leaves alone: failed because a link failed, and failed while parked."""
+        failed = self.scope() | {"state": State.FAILED.value}
+        if besides:
+            failed["_id"] = {"$nin": list(besides)}
+        by_link = await self.collection.count_documents(failed | {"dep_failed": {"$ne": None}})
+        parked = await self.collection.count_documents(failed | {"dep_failed": None, "dep_blocked": {"$ne": None}})
+        return int(by_link), int(parked)
+
+    def owns(self, document: Mapping[str, Any]) -> bool:
+        """Whether ``document`` is of this store's class (or one of its subclasses)."""
+        if self.class_field is None or self._class_ids is None:
+            return True
+        return document.get(self.class_field) in list(self._class_ids())
 
     async def delete_in_states(self, states: Iterable[str]) -> int:
         result = await self.collection.delete_many(self.scope() | {"state": {"$in": sorted(states)}})
@@ -1030,6 +1066,45 @@ async def fail_parked(
         return_document=ReturnDocument.AFTER,
     )
     return found
+
+
+async def failed_by_links(collection: Any) -> list[dict[str, Any]]:
+    """Every task in ``collection`` that ended FAILED because a link failed, with its bookkeeping."""
+    cursor = driver.primary(collection).find(
+        {"state": State.FAILED.value, "dep_failed": True}, {"dep_links": 1, "dependents_in": 1}
+    )
+    return [row async for row in cursor]
+
+
+async def restore_dependent(collection: Any, document: Mapping[str, Any], fields: Mapping[str, Any]) -> bool:
+    """Put a task failed by its links back in flight, with the fresh readiness in ``fields``.
+
+    Its failure becomes ``last_error``. False: it changed since it was read. Raises
+    ``DuplicateKeyError`` when its ``dedupe_key`` is taken by a live task.
+    """
+    update: dict[str, Any] = {
+        "$set": {
+            "state": State.CREATED.value,
+            "attempts": 0,
+            "finished_at": None,
+            "expires_at": None,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "error": None,
+            "last_error": document.get("error"),
+            "dep_failed": None,
+            **fields,
+        }
+    }
+    if document.get("dedupe_key") is not None:
+        update["$set"]["dedupe_slot"] = document["dedupe_key"]
+    guard = dependent_key(document["_id"], document) | {
+        "state": State.FAILED.value,
+        "dep_failed": True,
+        "error": document.get("error"),
+    }
+    result = await driver.primary(collection).update_one(guard, update)
+    return bool(result.modified_count)
 
 
 async def dependents_told(ended: Ended, ttl: float | None) -> None:

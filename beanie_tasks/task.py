@@ -160,6 +160,8 @@ class Task(Document):
     dedupe_key: str | None = Field(default=None, min_length=1)
     result: Any = None
     error: str | None = None
+    # The error of the latest failed attempt that was retried; kept when a later attempt succeeds.
+    last_error: str | None = None
     progress: float | None = None
     progress_message: str | None = None
     consumer_id: str | None = None
@@ -547,7 +549,9 @@ class Task(Document):
     ) -> None:
         """Record a failed attempt: back to CREATED for a later retry while attempts remain, else FAILED.
 
-        ``retry=False`` dead-letters the task at once; ``retry_in`` overrides the backoff delay.
+        ``retry=False`` dead-letters the task at once, as does an exception the class's
+        ``retry_on`` / ``dont_retry_on`` filters do not retry; ``retry_in`` overrides the
+        backoff delay. A retried attempt's error goes to ``last_error``; ``error`` is the final one.
         """
         task_store = type(self).task_store()
         now = task_store.now()
@@ -556,11 +560,11 @@ class Task(Document):
         failures = self.attempts if claimed else self.attempts + 1
         limit = self.max_attempts or type(self).task_options.max_attempts
         message = describe_error(error)
-        if retry and failures < limit:
+        if retry and failures < limit and type(self).task_options.retries(error):
             wait = as_delay(retry_in) if retry_in is not None else type(self).task_options.backoff.delay(failures)
             fields: dict[str, Any] = {
                 "state": State.CREATED.value,
-                "error": message,
+                "last_error": message,
                 "lease_token": None,
                 "lease_expires_at": None,
             }
@@ -572,7 +576,7 @@ class Task(Document):
             fields["run_at"] = now + wait
             update: dict[str, Any] = {"$set": fields}
             # Recovery would leave a different error, a new claim a different state or attempts.
-            mine = {"state": State.CREATED.value, "lease_token": None, "attempts": self.attempts, "error": message}
+            mine = {"state": State.CREATED.value, "lease_token": None, "attempts": self.attempts, "last_error": message}
         else:
             fields = task_store.terminal_fields(State.FAILED, now) | {"error": message}
             update = {"$set": fields, "$unset": {"dedupe_slot": ""}}
@@ -765,9 +769,17 @@ class Task(Document):
         return await admin.counts(cls.task_store())
 
     @classmethod
-    async def requeue_failed(cls) -> int:
-        """Give FAILED tasks a fresh set of attempts; returns how many were requeued (see ``admin``)."""
-        return await admin.requeue_failed(cls.task_store())
+    async def requeue_failed(cls, *, with_dependents: bool = False) -> int:
+        """Give FAILED tasks a fresh set of attempts; returns how many were requeued (see ``admin``).
+
+        ``with_dependents`` also requeues the dependents that failed because they failed.
+        """
+        return await admin.requeue_failed(cls.task_store(), with_dependents=with_dependents)
+
+    @classmethod
+    async def requeue_failed_report(cls, *, with_dependents: bool = False) -> admin.RequeueReport:
+        """``requeue_failed``, returning how many were requeued and why the others stay FAILED."""
+        return await admin.requeue_failed_report(cls.task_store(), with_dependents=with_dependents)
 
     @classmethod
     async def check_dependencies(cls) -> int:

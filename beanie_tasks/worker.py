@@ -563,7 +563,7 @@ class Worker:
         elif task.is_settled:
             self.stats[task.state.value.lower()] += 1  # run() settled the task itself
         elif reason == "timeout":
-            await task.fail(f"timed out after {timeout:g} s")
+            await task.fail(f"timed out after {timeout:g} s", retry=type(task).task_options.retries(TimeoutError()))
             self.stats["timed out"] += 1
             log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
         elif kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not

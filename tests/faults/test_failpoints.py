@@ -157,7 +157,7 @@ async def test_ambiguous_transition_is_idempotent(retry_writes: bool, failpoints
     if outcome == "finish":
         assert after.state is State.FINISHED and after.lease_token == token and after.result == {"ok": 1}
     elif outcome == "fail-retry":
-        assert after.state is State.CREATED and after.error == "boom"
+        assert after.state is State.CREATED and after.last_error == "boom"
     else:
         assert after.state is State.FAILED and after.error == "boom"
 

@@ -57,7 +57,8 @@ async def test_class_retries_back_off_exponentially_then_fail() -> None:
         await task.fail(RuntimeError(f"try {attempt}"))
         stored = await Flaky.get(pushed.id)
         assert stored is not None and stored.state is State.CREATED
-        assert stored.error == f"RuntimeError: try {attempt}" and stored.lease_token is None
+        assert stored.last_error == f"RuntimeError: try {attempt}" and stored.error is None
+        assert stored.lease_token is None
         assert stored.run_at is not None
         assert before + timedelta(seconds=wait) - SLACK <= stored.run_at <= before + timedelta(seconds=wait) + SLACK
         assert stored.expires_at is None and stored.finished_at is None
@@ -68,6 +69,7 @@ async def test_class_retries_back_off_exponentially_then_fail() -> None:
     await last.fail("third strike")
     stored = await Flaky.get(pushed.id)
     assert stored is not None and stored.state is State.FAILED and stored.error == "third strike"
+    assert stored.last_error == "RuntimeError: try 2", "the error of the attempt before stays"
     assert stored.attempts == 3 and stored.finished_at is not None
 
 
@@ -138,7 +140,8 @@ async def test_context_manager_schedules_a_retry_and_reraises() -> None:
             raise ConnectionError("smtp down")
     stored = await Flaky.get(task.id)
     assert stored is not None and stored.state is State.CREATED
-    assert stored.error == "ConnectionError: smtp down" and stored.run_at is not None and stored.run_at > utcnow()
+    assert stored.last_error == "ConnectionError: smtp down" and stored.error is None
+    assert stored.run_at is not None and stored.run_at > utcnow()
 
 
 async def test_release_gives_the_attempt_back() -> None:

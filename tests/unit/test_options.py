@@ -67,3 +67,32 @@ def test_timedeltas_become_seconds_and_options_are_frozen() -> None:
     assert options.ttl == 86400.0 and options.backoff.base == 2
     with pytest.raises(AttributeError):
         options.ttl = 5  # type: ignore[misc]
+
+
+def test_filters_are_checked_at_class_definition() -> None:
+    class Network(Task):
+        class TaskSettings:
+            retry_on = (TimeoutError, ConnectionError)
+
+    class Single(Network):
+        class TaskSettings:
+            dont_retry_on = KeyError  # one class is accepted as well as a tuple
+
+    assert Network.task_options.retry_on == (TimeoutError, ConnectionError)
+    assert Single.task_options.retry_on == (TimeoutError, ConnectionError), "inherited"
+    assert Single.task_options.dont_retry_on == (KeyError,)
+    with pytest.raises(TypeError, match=r"TaskSettings\.retry_on must be exception classes.*'TimeoutError'"):
+
+        class Bad(Task):
+            class TaskSettings:
+                retry_on = ("TimeoutError",)
+
+    with pytest.raises(TypeError, match=r"TaskSettings\.dont_retry_on must be exception classes.*int"):
+        TaskOptions(dont_retry_on=(KeyError, int))  # type: ignore[arg-type]
+
+
+def test_the_filter_decision() -> None:
+    options = TaskOptions(retry_on=(OSError,), dont_retry_on=(FileNotFoundError,))
+    assert options.retries(ConnectionError()) and not options.retries(ValueError())
+    assert not options.retries(FileNotFoundError()), "dont_retry_on is checked first"
+    assert options.retries("a message names no type: retried as before") and TaskOptions().retries(ValueError())
