@@ -118,6 +118,13 @@ asyncio_default_fixture_loop_scope = function
 beanie_tasks_models = myapp.tasks
 """
 
+TOML_CONFIG = """
+[tool.pytest.ini_options]
+asyncio_mode = "{mode}"
+asyncio_default_fixture_loop_scope = "function"
+beanie_tasks_models = ["myapp.tasks"]
+"""
+
 
 def plugin_installed() -> bool:
     return any(ep.name == "beanie_tasks" for ep in entry_points(group="pytest11"))
@@ -137,11 +144,22 @@ def server_uri(request: pytest.FixtureRequest) -> str:
     return server.uri
 
 
-@pytest.mark.parametrize(("loop_scope", "mode"), [("function", "strict"), ("session", "strict"), ("session", "auto")])
+@pytest.mark.parametrize(
+    ("loop_scope", "mode", "config"),
+    [("function", "strict", "ini"), ("session", "strict", "ini"), ("session", "auto", "toml")],
+)
 def test_a_users_project(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, server_uri: str, loop_scope: str, mode: str
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    server_uri: str,
+    loop_scope: str,
+    mode: str,
+    config: str,
 ) -> None:
-    pytester.makeini(CONFIG.format(mode=mode))
+    if config == "ini":
+        pytester.makeini(CONFIG.format(mode=mode))
+    else:
+        pytester.makepyprojecttoml(TOML_CONFIG.format(mode=mode))
     pytester.mkpydir("myapp")
     pytester.path.joinpath("myapp", "tasks.py").write_text(textwrap.dedent(TASKS))
     pytester.makepyfile(test_reports=TESTS.format(loop_scope=loop_scope))
