@@ -144,17 +144,31 @@ def server_uri(request: pytest.FixtureRequest) -> str:
     return server.uri
 
 
+def declare_entry_point(directory: Path) -> None:
+    """Make ``directory`` hold what installing the package adds for the plugin: its pytest11 entry point."""
+    info = directory / "beanie_tasks_entry_point-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: beanie-tasks-entry-point\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[pytest11]\nbeanie_tasks = beanie_tasks.pytest_plugin\n")
+
+
 @pytest.mark.parametrize(
-    ("loop_scope", "mode", "config"),
-    [("function", "strict", "ini"), ("session", "strict", "ini"), ("session", "auto", "toml")],
+    ("loop_scope", "mode", "config", "load"),
+    [
+        ("function", "strict", "ini", "entry point"),
+        ("session", "strict", "ini", "entry point"),
+        ("session", "auto", "toml", "-p"),
+    ],
 )
 def test_a_users_project(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
     server_uri: str,
     loop_scope: str,
     mode: str,
     config: str,
+    load: str,
 ) -> None:
     if config == "ini":
         pytester.makeini(CONFIG.format(mode=mode))
@@ -164,8 +178,16 @@ def test_a_users_project(
     pytester.path.joinpath("myapp", "tasks.py").write_text(textwrap.dedent(TASKS))
     pytester.makepyfile(test_reports=TESTS.format(loop_scope=loop_scope))
     assert not list(pytester.path.glob("conftest.py")), "a user's project needs no conftest"
+    paths = [str(pytester.path), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    plugin: list[str] = []
+    if not plugin_installed():
+        if load == "entry point":
+            site = tmp_path_factory.mktemp("site")
+            declare_entry_point(site)
+            paths.insert(0, str(site))
+        else:
+            plugin = ["-p", "beanie_tasks.pytest_plugin"]
     monkeypatch.setenv("MONGODB_URI", server_uri)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pytester.path), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    plugin = [] if plugin_installed() else ["-p", "beanie_tasks.pytest_plugin"]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
     result = pytester.runpytest_subprocess(*plugin, "-p", "no:cacheprovider", "-q", timeout=240)
     result.assert_outcomes(passed=6)
