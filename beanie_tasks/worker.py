@@ -223,7 +223,8 @@ class Worker:
 
         Heartbeats, progress, the timeout, cancellation and the recorded outcome (finish, or
         fail with the retry policy) all go through the worker's own path; ``task`` is left
-        holding the outcome. Used by ``beanie_tasks.testing.run_now``.
+        holding the outcome. Used by ``beanie_tasks.testing.run_now``, on a worker whose
+        ``run()`` is not in progress (its sync handlers get a thread of their own here).
         """
         previous, self._executor = self._executor, ThreadPoolExecutor(1, thread_name_prefix="beanie-tasks")
         self.stats["started"] += 1
