@@ -168,6 +168,8 @@ async def run_now(task: T, *, worker: Worker | None = None) -> T:
     or CREATED for a retry, with ``error`` set, as in production. Raises TransitionError
     when the task cannot be claimed now.
     """
+    if not isinstance(task, Task):
+        raise TypeError(f"run_now takes a pushed task (an instance of a Task subclass), got {task!r}")
     task_class = type(task)
     name = f"{task_class.__name__} {task.id}"
     if task.id is None:

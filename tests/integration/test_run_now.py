@@ -135,6 +135,8 @@ async def test_finishing_a_dependency_releases_its_dependent() -> None:
 
 
 async def test_a_task_that_cannot_run_now_says_why() -> None:
+    with pytest.raises(TypeError, match="run_now takes a pushed task"):
+        await run_now(Report)  # type: ignore[type-var]
     with pytest.raises(TransitionError, match="never pushed"):
         await run_now(Report(pages=1))
     later = await Report(pages=1).push(delay=3600)
