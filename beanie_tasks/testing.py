@@ -20,8 +20,10 @@ from typing import Any, Literal, TypeVar
 import pytest
 import pytest_asyncio
 from beanie import init_beanie
+from pydantic import ValidationError
 from pymongo import monitoring
 
+from beanie_tasks.admin import set_aside
 from beanie_tasks.clock import FAR_FUTURE, as_utc
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.driver import client_for, close_client
@@ -29,7 +31,7 @@ from beanie_tasks.embedded import EmbeddedServer
 from beanie_tasks.errors import TransitionError
 from beanie_tasks.states import State
 from beanie_tasks.store import read_task
-from beanie_tasks.task import Task, model_for
+from beanie_tasks.task import Task, model_for, quarantine_reason
 from beanie_tasks.worker import Worker
 
 # Commands the driver sends on its own, which say nothing about an operation's cost.
@@ -166,7 +168,8 @@ async def run_now(task: T, *, worker: Worker | None = None) -> T:
     The claim, lease, heartbeats, progress, timeout, result and retry policy are the
     worker's own (``Worker.run_claimed``). A run() that raises leaves the task FAILED,
     or CREATED for a retry, with ``error`` set, as in production. Raises TransitionError
-    when the task cannot be claimed now.
+    when the task cannot be claimed now, or when its stored document is malformed (it is
+    then set aside FAILED with the reason, as a worker would).
     """
     if not isinstance(task, Task):
         raise TypeError(f"run_now takes a pushed task (an instance of a Task subclass), got {task!r}")
@@ -179,7 +182,12 @@ async def run_now(task: T, *, worker: Worker | None = None) -> T:
     document = await task_store.claim_task(runner.consumer_id, task.id, task.partition_value)
     if document is None:
         raise TransitionError(f"cannot run {name} now: {await why_not_claimable(task_class, task.id)}")
-    claimed = model_for(task_class, document).model_validate(document)
+    try:
+        claimed = model_for(task_class, document).model_validate(document)
+    except ValidationError as exc:  # set aside FAILED, as a worker's claim would, rather than left RUNNING
+        reason = quarantine_reason(task_class, exc)
+        await set_aside(task_store, document, reason)
+        raise TransitionError(f"cannot run {name}: {reason}") from None
     await runner.run_claimed(claimed)
     return claimed
 

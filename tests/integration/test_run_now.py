@@ -156,3 +156,12 @@ async def test_a_given_worker_runs_it_and_counts_it() -> None:
     done = await run_now(await Report(pages=1).push(), worker=worker)
     assert done.state is State.FINISHED and done.consumer_id == "test-consumer"
     assert worker.stats["started"] == 1 and worker.stats["finished"] == 1
+
+
+async def test_a_malformed_document_is_set_aside_not_left_running() -> None:
+    report = await Report(pages=1).push()
+    await Report.collection().update_one({"_id": report.id}, {"$set": {"pages": "many"}})  # a hostile writer
+    with pytest.raises(TransitionError, match="malformed Report document: 1 validation error"):
+        await run_now(report)
+    stored = await Report.collection().find_one({"_id": report.id})
+    assert stored["state"] == "FAILED" and "pages" in stored["error"]
