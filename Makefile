@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BEANIE1 := .venv/beanie1
+DEMO := .venv/demo
 PY := $(VENV)/bin/python
 PY1 := $(BEANIE1)/bin/python
+PYDEMO := $(DEMO)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: demo test test-beanie2 test-beanie1 check lint docs bench clean
@@ -22,8 +24,15 @@ $(BEANIE1)/.installed: pyproject.toml
 	$(PY1) -m pip install $(PIP_FLAGS) -e '.[dev,server,motor]' 'beanie>=1.26,<2' 'mongomock-motor>=0.0.34'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m beanie_tasks.demo
+# Only what the demo needs (the library and the embedded server): no test, lint, docs or bench tools.
+$(DEMO)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEMO)
+	$(PYDEMO) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PYDEMO) -m pip install $(PIP_FLAGS) -e '.[demo]'
+	touch $@
+
+demo: $(DEMO)/.installed
+	$(PYDEMO) -m beanie_tasks.demo
 
 # Both environments install side by side (mostly network and disk), then the checks and suites run in turn.
 test:

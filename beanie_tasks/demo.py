@@ -252,7 +252,33 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=120)
     ok = asyncio.run(demo(console))
     console.print(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
+    if ok:
+        console.print(next_steps())
     return 0 if ok else 1
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is inside it (a clone's root), else absolute."""
+    absolute = Path(os.path.abspath(path))  # not resolve(): a venv's python is a symlink worth keeping
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def next_steps() -> str:
+    """Where the demo's code lives and what to try next, for a newcomer who just ran ``make demo``."""
+    command = shown(Path(sys.executable).parent / "beanie-tasks")
+    return "\n".join(
+        [
+            f"The demo's code: {shown(Path(__file__))} (its FileDigest and DocsReport tasks, its two workers).",
+            "What to try next:",
+            f"  - {shown(Path(sys.executable))} docs/examples/quickstart.py: push, pop and finish one task",
+            "  - docs/examples/: one runnable program per feature; docs/index.md: the guide to all of them",
+            f"  - {command} dev-server: a local server for your own tasks; {command} --help: the CLI",
+            "  - make test: the whole suite (installs the test tools into .venv)",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -350,6 +350,18 @@ class Store:
             raise
         return found
 
+    async def claim_task(self, consumer_id: str, task_id: Any, partition: Any = None) -> dict[str, Any] | None:
+        """Claim one named task if it is ready now, limits aside: how a test runs a task it just pushed.
+
+        The same filter and update as every claim, narrowed to one ``_id``; None when the
+        task is not CREATED and due (running, ended, scheduled later, or waiting on dependencies).
+        """
+        now = self.now()
+        token = uuid.uuid4().hex
+        return await self._claim_one(
+            self.claim_filter(now, partition) | {"_id": task_id}, self._claim_update(now, consumer_id, token), token
+        )
+
     async def undo_quietly(self, token: str) -> None:
         """``undo_claim``, or remember the token for ``retry_undos`` when the server cannot be reached."""
         try:

@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import ModuleType
@@ -212,6 +212,43 @@ class Worker:
     def running(self) -> int:
         """How many tasks this worker is executing now."""
         return len(self._running)
+
+    @contextlib.asynccontextmanager
+    async def in_background(self) -> AsyncIterator[Worker]:
+        """Run the worker alongside the block (an app's lifespan, a test), and drain it when the block ends.
+
+        Leaving the block is a graceful stop, as SIGTERM is: running tasks get
+        ``grace_period`` seconds, then the rest are released. An error that stopped the
+        worker early is logged at once and raised when the block ends.
+        """
+        job = asyncio.create_task(self.run())
+        job.add_done_callback(self._report_early_end)
+        try:
+            yield self
+        finally:
+            self.stop()
+            await job
+
+    def _report_early_end(self, job: asyncio.Task[None]) -> None:
+        if not self._stop_requested and not job.cancelled() and job.exception() is not None:
+            log.error("worker %s stopped with an error", self.consumer_id, exc_info=job.exception())
+
+    async def run_claimed(self, task: Task) -> None:
+        """Run one task this worker's consumer has already claimed, exactly as the claim loop does.
+
+        Heartbeats, progress, the timeout, cancellation and the recorded outcome (finish, or
+        fail with the retry policy) all go through the worker's own path; ``task`` is left
+        holding the outcome. Used by ``beanie_tasks.testing.run_now``, on a worker whose
+        ``run()`` is not in progress (its sync handlers get a thread of their own here).
+        """
+        previous, self._executor = self._executor, ThreadPoolExecutor(1, thread_name_prefix="beanie-tasks")
+        self.stats["started"] += 1
+        try:
+            await self._execute(_Running(task))
+        finally:
+            # A sync run() has returned by now: _execute waits for its thread.
+            self._executor.shutdown(wait=False)
+            self._executor = previous
 
     # ------------------------------------------------------------- main
 

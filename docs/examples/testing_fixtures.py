@@ -1,18 +1,19 @@
 """Testing your own tasks with beanie_tasks.testing: a server, a fresh database, a command counter.
 
+The fixtures (``mongodb_uri``, ``task_database``) come from the beanie_tasks pytest plugin, with no import.
 Run it directly (it runs itself under pytest) or with ``pytest docs/examples/testing_fixtures.py``.
 """
 
+import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
 from beanie import init_beanie
 
 from beanie_tasks import State, Task
 from beanie_tasks.driver import client_for, close_client
-from beanie_tasks.testing import CommandCounter, mongodb_uri, task_database
-
-__all__ = ["mongodb_uri", "task_database"]  # fixtures, used by name
+from beanie_tasks.testing import CommandCounter
 
 
 class Welcome(Task):
@@ -63,4 +64,7 @@ async def test_popping_costs_one_command(mongodb_uri: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))
+    # Installing beanie-tasks registers the plugin; from a source checkout, name it.
+    installed = any(ep.name == "beanie_tasks" for ep in entry_points(group="pytest11"))
+    plugin = [] if installed else ["-p", "beanie_tasks.pytest_plugin"]
+    sys.exit(subprocess.call([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", *plugin]))

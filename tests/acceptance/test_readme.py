@@ -1,4 +1,4 @@
-"""The README stays true: two commands first, then an example that runs as written."""
+"""The README stays true: install first, a FastAPI example that runs as written, then the two commands."""
 
 from __future__ import annotations
 
@@ -17,25 +17,41 @@ from beanie_tasks.embedded import EmbeddedServer
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DATABASE_IN_EXAMPLE = "client.app"
+URI_IN_EXAMPLE = '"mongodb://localhost:27017"'
 
-# Runs the README's ``main(uri)``, then checks from outside that the task ended FINISHED.
+# Runs the README's app through its lifespan with httpx, as a client of the API would, then
+# checks from outside that the task ended FINISHED with its result.
 HARNESS = textwrap.dedent(
     """
 
     async def _readme_check(uri: str, name: str) -> None:
-        await main(uri)
-        client = AsyncMongoClient(uri, tz_aware=True)
+        import asyncio
+
+        import httpx
+        from asgi_lifespan import LifespanManager
+
         try:
-            database = client[name]
-            finished = [
-                document
-                for collection in await database.list_collection_names()
-                async for document in database[collection].find({"state": "FINISHED"})
-            ]
-            assert len(finished) == 1, finished
-            assert finished[0]["result"] == {"sent": True}, finished[0]
-            assert finished[0]["priority"] == 3
+            async with LifespanManager(app) as manager:
+                transport = httpx.ASGITransport(app=manager.app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+                    made = await http.post("/thumbnails", params={"url": "https://example.com/cat.png"})
+                    assert made.status_code == 200, made.text
+                    task_id = made.json()["id"]
+                    for _ in range(1200):
+                        body = (await http.get(f"/thumbnails/{task_id}")).json()
+                        if body["state"] == "FINISHED":
+                            break
+                        await asyncio.sleep(0.05)
+            assert body == {
+                "state": "FINISHED",
+                "progress": 0.5,
+                "result": {"thumbnail": "https://example.com/cat.png?w=128"},
+            }, body
+            client = AsyncMongoClient(uri, tz_aware=True)
+            stored = await client[name]["Thumbnail"].find_one({})
+            assert stored is not None and stored["state"] == "FINISHED" and stored["attempts"] == 1, stored
         finally:
+            client = AsyncMongoClient(uri, tz_aware=True)
             await client.drop_database(name)
             await client.close()
 
@@ -49,32 +65,45 @@ HARNESS = textwrap.dedent(
 )
 
 
-def python_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
+def code_blocks(markdown: str) -> list[tuple[str, str]]:
+    return re.findall(r"```(\w*)\n(.*?)```", markdown, flags=re.DOTALL)
 
 
-def test_the_two_commands_come_first() -> None:
-    first_block = re.search(r"```(\w*)\n(.*?)```", README, flags=re.DOTALL)
-    assert first_block is not None
-    commands = [line.split("#")[0].strip() for line in first_block.group(2).splitlines() if line.strip()]
-    assert commands == ["make demo", "make test"]
-    assert README.index("make demo") < README.index("```python")
+def commands_of(block: str) -> list[str]:
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_install_comes_first_then_the_example_then_the_two_commands() -> None:
+    blocks = code_blocks(README)
+    assert commands_of(blocks[0][1]) == ["pip install beanie-tasks"]
+    assert blocks[1][0] == "python" and "FastAPI(" in blocks[1][1]
+    make = [i for i, (_, block) in enumerate(blocks) if commands_of(block) == ["make demo", "make test"]]
+    assert make and make[0] > 1, "the contributors' two commands follow the example"
+    assert README.index("pip install beanie-tasks") < README.index("```python") < README.index("make demo")
+
+
+def test_the_example_is_short() -> None:
+    example = code_blocks(README)[1][1]
+    lines = [line for line in example.splitlines() if line.strip()]
+    assert len(lines) <= 25, f"the README's example has {len(lines)} lines"
+    for name in ("class Thumbnail(Task)", ".push(", "Worker([Thumbnail]).in_background()", "init_beanie(database="):
+        assert name in example
 
 
 def test_the_example_runs(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    blocks = python_blocks(README)
+    blocks = [block for kind, block in code_blocks(README) if kind == "python"]
     assert len(blocks) == 1, "the README has one short example"
     example = blocks[0]
-    for name in ("class SendEmail(Task)", ".push(", ".pop()", ".finish(", "init_beanie(database="):
-        assert name in example
     assert example.count(DATABASE_IN_EXAMPLE) == 1, "the harness points the example at its own database"
+    assert example.count(URI_IN_EXAMPLE) == 1, "the harness points the example at the test server"
     database = f"bt_readme_{uuid.uuid4().hex[:8]}"
-    script = tmp_path / "readme_example.py"
-    script.write_text(example.replace(DATABASE_IN_EXAMPLE, f"client[{database!r}]") + HARNESS)
     uri = os.environ.get("MONGODB_URI")
     if not uri:
         server: EmbeddedServer = request.getfixturevalue("secantus")
         uri = server.uri
+    script = tmp_path / "readme_example.py"
+    program = example.replace(DATABASE_IN_EXAMPLE, f"client[{database!r}]").replace(URI_IN_EXAMPLE, repr(uri))
+    script.write_text(program + HARNESS)
     outcome = subprocess.run(
         [sys.executable, str(script), uri, database],
         cwd=ROOT,

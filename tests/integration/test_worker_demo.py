@@ -29,3 +29,5 @@ def test_demo_runs_the_pipeline_and_prints_the_summary() -> None:
     report_row = next(line for line in out.splitlines() if "DocsReport" in line and "│" in line)
     assert [c.strip() for c in report_row.split("│") if c.strip()][1:7] == ["0", "0", "1", "0", "0", "1"]
     assert "tree sha256" in out and "demo finished" in out
+    assert "The demo's code: beanie_tasks/demo.py" in out and "What to try next:" in out
+    assert "docs/examples/quickstart.py" in out
