@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +34,23 @@ from beanie_tasks import clock
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled, TransitionError
 from beanie_tasks.executors import ProcessRun, ThreadRun
+from beanie_tasks.hooks import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    LEASE_LOST,
+    NOT_RECORDED,
+    RELEASED,
+    RETRYING,
+    Lifecycle,
+    LifecycleHook,
+    Outcome,
+    RunHooks,
+)
 from beanie_tasks.limits import SLOT_CLAIM_GRACE
 from beanie_tasks.redact import get_logger, redact_text
-from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id, describe_error
+from beanie_tasks.states import State
+from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, default_consumer_id, describe_error, explain_error
 from beanie_tasks.wakeup import Wakeup
 
 log = get_logger("beanie_tasks.worker")
@@ -58,6 +73,7 @@ class _Running:
     runner: asyncio.Future[Any] | None = None
     handle: ThreadRun | ProcessRun | None = None  # a sync run(): its thread or child process
     stopped_because: str | None = None  # "cancelled", "lease lost", "timeout", "shutdown"
+    duration: float = 0.0  # seconds run() took
 
     def handler_ended(self) -> bool:
         """Whether run() is over: its coroutine done, and a sync handler's thread returned too."""
@@ -66,6 +82,28 @@ class _Running:
 
     def thread_running(self) -> bool:
         return isinstance(self.handle, ThreadRun) and not self.handle.done()
+
+
+def _status_of(task: Task) -> str:
+    """The outcome status a settled task's state means."""
+    return {
+        State.FINISHED: FINISHED,
+        State.FAILED: FAILED,
+        State.CANCELLED: CANCELLED,
+        State.CREATED: RETRYING if task.error else RELEASED,
+    }.get(task.state, NOT_RECORDED)
+
+
+def _fields(record: _Running) -> dict[str, Any]:
+    """The ``extra`` of a task's log line: JSON logs show each as its own key."""
+    task = record.task
+    return {
+        "task_class": type(task).__name__,
+        "task_id": str(task.id),
+        "attempt": task.attempts,
+        "duration": round(record.duration, 6),
+        "outcome": task.state.value,
+    }
 
 
 def _has_own_run(task_class: type[Task]) -> bool:
@@ -105,6 +143,9 @@ class Worker:
         use_change_stream: bool = True,
         schedules: bool = True,
         partitions: Sequence[Any] | None = None,
+        middleware: Sequence[Any] = (),
+        on_startup: Sequence[LifecycleHook] = (),
+        on_shutdown: Sequence[LifecycleHook] = (),
     ) -> None:
         classes = list(dict.fromkeys(_expand_modules(task_classes)))
         if not classes:
@@ -145,6 +186,13 @@ class Worker:
         self._signals_received = 0
         self._signals_wanted = False
         self._executor: ThreadPoolExecutor | None = None
+        # Hooks (hooks.py): middleware around each run, and startup/shutdown hooks; none by default.
+        self.hooks = RunHooks(middleware)
+        self.lifecycle = Lifecycle(on_startup, on_shutdown)
+        # Health, for /healthz: when the claim loop last went round (time.monotonic()), and
+        # whether the worker is started, reaching the server and not stopping.
+        self.last_tick: float | None = None
+        self.ready = False
 
     # ----------------------------------------------------------- control
 
@@ -203,6 +251,7 @@ class Worker:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Claim and run tasks until ``stop`` is set, ``stop()`` is called or a signal arrives; then drain."""
         loop = asyncio.get_running_loop()
+        await self.lifecycle.start(self)  # the app's setup (its other models, its clients) comes first
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         if self._stop_requested:
@@ -228,10 +277,12 @@ class Worker:
             )
             await self._claim_loop(wakeups)
         finally:
+            self.ready = False
             await self._drain()
             for wakeup in wakeups:
                 await wakeup.close()
             await self._stop_background(background)
+            await self.lifecycle.stop(self)
             self._executor.shutdown(wait=False, cancel_futures=True)
             if self._signals_wanted:
                 for signum in (signal.SIGTERM, signal.SIGINT):
@@ -287,7 +338,9 @@ class Worker:
         outage = Outage(f"worker {self.consumer_id}")
         next_maintenance = 0.0
         rounds = 0
+        self.ready = True
         while not self._stopping.is_set():
+            self.last_tick = time.monotonic()
             try:
                 if loop.time() >= next_maintenance:
                     # The timer moves on first: a round that fails must not be retried before every claim.
@@ -301,6 +354,7 @@ class Worker:
                 self._slot_freed.clear()  # a task ending from here on warrants another claim round
                 started = await self._claim_next()
             except ConnectionFailure as exc:
+                self.ready = False
                 await outage.wait(exc, self._stopping)
                 continue
             except PyMongoError as exc:
@@ -308,6 +362,7 @@ class Worker:
                 await outage.wait(exc, self._stopping)
                 continue
             outage.over()
+            self.ready = not self._stopping.is_set()
             if started:
                 for wakeup in wakeups:
                     wakeup.claimed()
@@ -416,6 +471,9 @@ class Worker:
         task = record.task
         name = f"{type(task).__name__} {task.id}"
         timeout = type(task).task_options.timeout
+        if self.hooks:
+            await self.hooks.before_run(task)
+        began = time.monotonic()
         record.handle = self._sync_handle(task)
         record.runner = runner = asyncio.ensure_future(self._invoke(record))
         keep_alive = asyncio.create_task(self._keep_alive(record))
@@ -429,15 +487,24 @@ class Worker:
             if record.handle is not None:
                 await record.handle.ended()  # a thread cannot be stopped: its slot and lease wait for it
         finally:
+            record.duration = time.monotonic() - began
             keep_alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_alive
+        if self.hooks:
+            kind, error = self._outcome(record)
+            if kind == "raised":
+                await self.hooks.on_exception(task, error)
+        settle_started = time.time_ns()
+        status = NOT_RECORDED
         try:
-            await self._settle_patiently(record, name, timeout)
+            status = await self._settle_patiently(record, name, timeout)
         except TaskCancelled:
+            status = CANCELLED
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while it ran; its outcome was dropped", name)
         except LeaseLost as exc:
+            status = LEASE_LOST
             self.stats["lease lost"] += 1
             log.error("%s: %s; another worker owns it now, this outcome was dropped", name, exc)
         except TransitionError as exc:
@@ -450,6 +517,17 @@ class Worker:
             if not task.is_settled:  # cancelled, lease lost or unsettled: its concurrency slot is free now
                 with contextlib.suppress(PyMongoError):
                     await type(task).task_store().release_slot_of(task.concurrency_key, task.lease_token)
+        if self.hooks:
+            kind, value = self._outcome(record)
+            outcome = Outcome(
+                status,
+                record.duration,
+                error=value if kind == "raised" else record.stopped_because,
+                result=value if kind == "returned" else None,
+                settle_started_ns=settle_started,
+                settle_ended_ns=time.time_ns(),
+            )
+            await self.hooks.after_run(task, outcome)
 
     @staticmethod
     async def _run_within(record: _Running, timeout: float | None) -> None:
@@ -463,12 +541,11 @@ class Worker:
             await asyncio.wait({runner, record.handle.started}, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.wait({runner}, timeout=timeout)
 
-    async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> None:
-        """Settle, retrying a write lost to the network instead of waiting out the lease."""
+    async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> str:
+        """Settle, retrying a write lost to the network instead of waiting out the lease; returns the status."""
         for delay in (*SETTLE_RETRY_DELAYS, None):
             try:
-                await self._settle(record, name, timeout)
-                return
+                return await self._settle(record, name, timeout)
             except PyMongoError as exc:
                 retryable = isinstance(exc, ConnectionFailure) or exc.has_error_label("RetryableWriteError")
                 if delay is None or not retryable:
@@ -477,6 +554,7 @@ class Worker:
                 reason = redact_text(str(exc))
                 log.warning("%s: could not record its outcome (%s); trying again in %g s", name, reason, delay)
                 await asyncio.sleep(delay)
+        return NOT_RECORDED  # not reached: the last attempt returns or raises
 
     @staticmethod
     def _outcome(record: _Running) -> tuple[str, Any]:
@@ -495,38 +573,69 @@ class Worker:
         error = runner.exception()
         return ("raised", error) if error is not None else ("returned", runner.result())
 
-    async def _settle(self, record: _Running, name: str, timeout: float | None) -> None:
-        """Write the outcome of one run: finish, fail (retry policy), release, or nothing."""
+    async def _settle(self, record: _Running, name: str, timeout: float | None) -> str:
+        """Write the outcome of one run: finish, fail (retry policy), release, or nothing; returns the status."""
         task = record.task
         reason = record.stopped_because
         kind, value = self._outcome(record)
         if reason == "cancelled":
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while running; run() was stopped", name)
-        elif reason == "lease lost":
+            return CANCELLED
+        if reason == "lease lost":
             self.stats["lease lost"] += 1
-        elif task.is_settled:
+            return LEASE_LOST
+        if task.is_settled:
             self.stats[task.state.value.lower()] += 1  # run() settled the task itself
-        elif reason == "timeout":
+            return _status_of(task)
+        if reason == "timeout":
             await task.fail(f"timed out after {timeout:g} s")
             self.stats["timed out"] += 1
-            log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
-        elif kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
+            self._log_failure(record, name, f"timed out after {timeout:g} s")
+            return _status_of(task)
+        if kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
             await task.finish(value)
             self.stats[task.state.value.lower()] += 1
-            log.debug("%s finished", name)
-        elif reason == "shutdown" or kind == "stopped":
+            if task.state is State.FINISHED:
+                log.info(
+                    "%s finished (attempt %d, %.3f s)", name, task.attempts, record.duration, extra=_fields(record)
+                )
+            else:
+                self._log_failure(record, name, task.error)
+            return _status_of(task)
+        if reason == "shutdown" or kind == "stopped":
             await task.release()
             self.stats["released"] += 1
             log.warning("%s did not finish within the grace period; released for another worker", name)
+            return RELEASED
+        if isinstance(value, LeaseLost):
+            raise value
+        if isinstance(value, asyncio.CancelledError):
+            value = "run() raised CancelledError itself (a cancelled child task or library call)"
+        value = explain_error(value)
+        await task.fail(value)
+        self.stats["failed" if task.state.is_terminal else "retrying"] += 1
+        self._log_failure(record, name, value)
+        return _status_of(task)
+
+    @staticmethod
+    def _log_failure(record: _Running, name: str, error: BaseException | str | None) -> None:
+        """One line per failed attempt: WARNING while it will be retried, ERROR with the traceback when final."""
+        task = record.task
+        limit = task.max_attempts or type(task).task_options.max_attempts
+        reason = redact_text(describe_error(error) or "no error given")
+        fields = _fields(record)
+        if task.state.is_terminal:
+            trace = error if isinstance(error, BaseException) else None
+            log.error(
+                "%s failed for good (attempt %d of %d, %.3f s): %s",
+                name, task.attempts, limit, record.duration, reason, exc_info=trace, extra=fields,
+            )  # fmt: skip
         else:
-            if isinstance(value, LeaseLost):
-                raise value
-            if isinstance(value, asyncio.CancelledError):
-                value = "run() raised CancelledError itself (a cancelled child task or library call)"
-            await task.fail(value)
-            self.stats["failed" if task.state.is_terminal else "retrying"] += 1
-            log.warning("%s failed: %r (%s, attempt %d)", name, value, task.state.value, task.attempts)
+            log.warning(
+                "%s failed (attempt %d of %d, %.3f s), will retry: %s",
+                name, task.attempts, limit, record.duration, reason, extra=fields,
+            )  # fmt: skip
 
     def _sync_handle(self, task: Task) -> ThreadRun | ProcessRun | None:
         """For a plain ``def run()``: its thread (started now) or its child process; None for ``async def``."""
