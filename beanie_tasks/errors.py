@@ -47,3 +47,7 @@ class NotRegistered(TaskError):
 
 class ModelNotInitialized(TaskError):
     """run() used a Beanie model that ``init_beanie`` never initialised in the worker process."""
+
+
+class HookError(TaskError):
+    """A worker's startup hook raised; the worker did not start."""

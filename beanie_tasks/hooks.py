@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from beanie_tasks.redact import get_logger
+from beanie_tasks.errors import HookError
+from beanie_tasks.redact import get_logger, redact_text
 
 if TYPE_CHECKING:
     from beanie_tasks.task import Task
@@ -168,7 +169,8 @@ class Lifecycle:
         self._open: list[Any] = []  # the (async) generators of setup hooks, between startup and shutdown
 
     async def start(self, worker: Any) -> None:
-        """Run every startup hook; the first that raises stops the start (those before it are shut down)."""
+        """Run every startup hook; the first that raises stops the start (as ``HookError``), and the
+        generator hooks already started are closed."""
         try:
             for hook in self.on_startup:
                 result = hook(worker)
@@ -180,7 +182,7 @@ class Lifecycle:
                     self._open.append(result)
                 elif inspect.isawaitable(result):
                     await result
-        except BaseException:
+        except BaseException as exc:
             while self._open:
                 generator = self._open.pop()
                 try:
@@ -190,6 +192,9 @@ class Lifecycle:
                         generator.close()
                 except Exception:
                     log.exception("closing a setup hook after a failed startup raised")
+            if isinstance(exc, Exception) and not isinstance(exc, HookError):
+                reason = redact_text(f"{type(exc).__name__}: {exc}")
+                raise HookError(f"startup hook {_name(hook)} failed: {reason}") from exc
             raise
 
     async def stop(self, worker: Any) -> None:

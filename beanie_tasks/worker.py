@@ -246,6 +246,11 @@ class Worker:
         """How many tasks this worker is executing now."""
         return len(self._running)
 
+    @property
+    def database(self) -> Any:
+        """The database of the worker's (first) task class: for a startup hook's ``init_beanie`` of other models."""
+        return self.task_classes[0].collection().database
+
     # ------------------------------------------------------------- main
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
