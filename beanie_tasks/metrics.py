@@ -160,7 +160,7 @@ class Metrics(hooks.Middleware):
         return prometheus_client.generate_latest(self.registry)
 
 
-@dataclass
+@dataclass(eq=False)  # a registry keys its collectors by identity
 class QueueStats(Collector):
     """Queue depth per class and state, and the oldest ready task's age, from a cache refreshed in the background.
 
