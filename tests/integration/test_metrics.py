@@ -82,10 +82,9 @@ async def test_a_scrape_after_tasks_ran_counts_them_by_class() -> None:
 
             async def depth_read() -> Any:
                 found = await scrape(server.port)
-                finished = found.get(
-                    ("beanie_tasks_queue_depth", (("state", "FINISHED"), ("task_class", "MetricEmail")))
-                )
-                return found if finished == 3 else None
+                finished = ("beanie_tasks_queue_depth", (("state", "FINISHED"), ("task_class", "MetricEmail")))
+                failed = ("beanie_tasks_queue_depth", (("state", "FAILED"), ("task_class", "MetricFlaky")))
+                return found if found.get(finished) == 3 and found.get(failed) == 1 else None
 
             samples = await eventually(depth_read)
     finally:
