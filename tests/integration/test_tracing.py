@@ -1,4 +1,4 @@
-"""OpenTelemetry spans, exported by the SDK's in-memory exporter: one trace from the producer's request to the worker."""
+"""OpenTelemetry spans from the SDK's in-memory exporter: one trace from the request that pushed to the worker."""
 
 from __future__ import annotations
 
