@@ -37,7 +37,7 @@ async def ended(task_class: type[Task], task_id: Any) -> Task | None:
 
 
 @pytest.mark.wire
-async def test_worker_logs_json_serves_metrics_and_health_and_runs_setup(
+async def test_worker_logs_json_serves_metrics_and_health_runs_setup(
     backend: Any, db: Any, init_tasks: Any
 ) -> None:
     await init_tasks(ObsWelcome, ObsFlaky, ObsDoomed, ObsSignup)
