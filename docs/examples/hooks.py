@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from beanie import Document, init_beanie
 
-from beanie_tasks import Backoff, State, Task, Worker, hooks
+from beanie_tasks import Backoff, State, Task, TaskFailed, Worker, hooks
 from beanie_tasks.driver import client_for, close_client
 from beanie_tasks.embedded import server_uri
 
@@ -90,8 +90,10 @@ async def main(uri: str) -> None:
     try:
         done = await good.wait(timeout=30)
         assert done.state is State.FINISHED and await Invoice.find_one({"customer": "ada"}) is not None
-        while (await BillCustomer.get(bad.id)).state is not State.FAILED:  # type: ignore[union-attr]
-            await asyncio.sleep(0.05)
+        try:
+            await bad.wait(timeout=30)
+        except TaskFailed as failed:  # wait() raises when the task ends FAILED
+            assert failed.task.state is State.FAILED
     finally:
         stop.set()
         await running

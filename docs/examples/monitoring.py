@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from beanie_tasks import State, Task, Worker, logs
+from beanie_tasks import State, Task, TaskFailed, Worker, logs
 from beanie_tasks.driver import client_for, close_client
 from beanie_tasks.embedded import server_uri
 from beanie_tasks.metrics import Metrics, serve
@@ -60,8 +60,10 @@ async def main(uri: str) -> None:
     running = asyncio.create_task(worker.run(stop))
     try:
         assert (await good.wait(timeout=30)).state is State.FINISHED
-        while (await Resize.get(bad.id)).state is not State.FAILED:  # type: ignore[union-attr]
-            await asyncio.sleep(0.05)
+        try:
+            await bad.wait(timeout=30)
+        except TaskFailed as failed:  # wait() raises when the task ends FAILED
+            assert failed.task.state is State.FAILED
         await asyncio.sleep(1.0)  # let the background refresh read the queue depth
         base = f"http://127.0.0.1:{server.port}"
         status, body = await asyncio.to_thread(fetch, f"{base}/metrics")
