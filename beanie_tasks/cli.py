@@ -336,12 +336,14 @@ def worker(
                 raise CliError(str(exc)) from None
             if tracing:
                 _trace(runner)
-            server = _serve_metrics(runner, metrics_host, metrics_port) if metrics_port is not None else None
+            server = None
+            if metrics_port is not None:  # 0 picks a free port
+                server = _serve_metrics(runner, metrics_host, metrics_port, log_format)
             runner.install_signal_handlers()
             names = ", ".join(cls.__name__ for cls in runnable)
             pinned = f", partitions {', '.join(partition)}" if partition else ""
             started = f"worker {runner.consumer_id}: {names} on {connection.database}"
-            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"))
+            _announce(f"{started} (concurrency {concurrency}{pinned})", log_format)
             try:
                 await runner.run()
             finally:
@@ -353,7 +355,15 @@ def worker(
     run(main)
 
 
-def _serve_metrics(runner: Any, host: str, port: int) -> Any:
+def _announce(text: str, log_format: str) -> None:
+    """A line for the operator on stderr: a log record when logs are JSON, so every line parses."""
+    if log_format == "json":
+        logs.cli_log.info("%s", redact(text))
+    else:
+        err.print(redact(text), markup=False, soft_wrap=True)
+
+
+def _serve_metrics(runner: Any, host: str, port: int, log_format: str) -> Any:
     """Count the worker's runs in the default registry (with the process metrics) and serve it."""
     try:
         import prometheus_client
@@ -367,7 +377,7 @@ def _serve_metrics(runner: Any, host: str, port: int) -> Any:
         server = serve(metrics, runner, host=host, port=port)
     except OSError as exc:
         raise CliError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    err.print(f"metrics on http://{host}:{server.port}/metrics (health: /healthz, /readyz)", markup=False)
+    _announce(f"metrics on http://{host}:{server.port}/metrics (health: /healthz, /readyz)", log_format)
     return server
 
 

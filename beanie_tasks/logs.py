@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from beanie_tasks.redact import scrub
+from beanie_tasks.redact import get_logger, scrub
 
 LIBRARY_LOGGER = "beanie_tasks"
+# The CLI's own lines for the operator, when logs are JSON.
+cli_log = get_logger("beanie_tasks.cli")
 DRIVER_LOGGERS = ("pymongo", "motor")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")

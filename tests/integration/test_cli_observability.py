@@ -37,9 +37,7 @@ async def ended(task_class: type[Task], task_id: Any) -> Task | None:
 
 
 @pytest.mark.wire
-async def test_worker_logs_json_serves_metrics_and_health_runs_setup(
-    backend: Any, db: Any, init_tasks: Any
-) -> None:
+async def test_worker_logs_json_serves_metrics_and_health_runs_setup(backend: Any, db: Any, init_tasks: Any) -> None:
     await init_tasks(ObsWelcome, ObsFlaky, ObsDoomed, ObsSignup)
     welcome = await ObsWelcome(email="ada@example.com").push()
     flaky = await ObsFlaky().push()
@@ -101,8 +99,7 @@ async def test_worker_logs_json_serves_metrics_and_health_runs_setup(
     assert (await ObsWelcome.get(welcome.id)).state is State.FINISHED  # type: ignore[union-attr]
     assert await ObsSignup.find_one({"email": "ada@example.com"}) is not None
 
-    records = [json.loads(line) for line in lines if line.startswith("{")]
-    assert records, log[-3000:]
+    records = [json.loads(line) for line in lines if line.strip()]  # every line is JSON, the CLI's own too
     assert not [r for r in records if not r["logger"].startswith("beanie_tasks")], "only our loggers, at DEBUG"
     about = {str(t.id): [r for r in records if r.get("task_id") == str(t.id)] for t in (welcome, flaky, doomed)}
     [finished] = about[str(welcome.id)]
