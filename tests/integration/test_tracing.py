@@ -28,6 +28,12 @@ class TracedEmail(Task):
             return f"sent to {self.to}"
 
 
+class TracedSync(Task):
+    def run(self) -> str:  # in a worker thread: it still sees the process span
+        with Traces.provider.get_tracer("app").start_as_current_span("blocking work"):
+            return "done"
+
+
 class TracedBroken(Task):
     def run(self) -> None:
         raise PermissionError("mailbox full")
@@ -38,7 +44,7 @@ async def models(init_tasks: Any) -> Any:
     Traces.exporter = InMemorySpanExporter()
     Traces.provider = TracerProvider()
     Traces.provider.add_span_processor(SimpleSpanProcessor(Traces.exporter))
-    await init_tasks(TracedEmail, TracedBroken)
+    await init_tasks(TracedEmail, TracedSync, TracedBroken)
 
 
 @pytest.fixture
@@ -101,6 +107,15 @@ async def test_a_failed_run_records_the_error_type_on_process_and_settle(tracing
     assert process.status.status_code is StatusCode.ERROR
     assert settle.attributes["messaging.operation.name"] == "fail"
     assert [event.name for event in process.events] == ["exception"]
+
+
+async def test_spans_in_a_sync_handlers_thread_are_children_of_process(tracing: Tracing) -> None:
+    pushed = await TracedSync().push()
+    async with running(Worker([TracedSync], middleware=[tracing])):
+        await eventually(lambda: ended(TracedSync, pushed.id))
+        found = await eventually(lambda: _async(spans() if len(spans()) >= 4 else None))
+    process, inner = found[f"process {TracedSync.collection().name}"], found["blocking work"]
+    assert inner.parent is not None and inner.parent.span_id == process.context.span_id
 
 
 async def test_without_tracing_nothing_is_stored_or_exported() -> None:
