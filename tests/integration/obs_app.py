@@ -47,3 +47,10 @@ async def setup(worker: Any) -> AsyncIterator[None]:
     log.warning("setup hook ran for %d classes", len(worker.task_classes))
     yield
     log.warning("setup hook closed")
+
+
+def broken_setup(worker: Any) -> None:
+    raise RuntimeError("cannot open mongodb://reporting:s3cret@reports.internal/app")
+
+
+NOT_CALLABLE = 42

@@ -115,3 +115,47 @@ async def test_worker_logs_json_serves_metrics_and_health_runs_setup(backend: An
     assert "setup hook ran for 3 classes" in messages and "setup hook closed" in messages
     failed = await ObsDoomed.get(doomed.id)
     assert failed is not None and failed.traceback is not None and "welcome.html" in failed.traceback
+
+
+def worker_error(*args: str, uri: str = "mongodb://127.0.0.1:1/db") -> list[str]:
+    """Run ``beanie-tasks worker obs_app ARGS`` in-process: exit 1, no traceback; its stderr lines."""
+    from typer.testing import CliRunner
+
+    from beanie_tasks.cli import app
+
+    env = {"MONGODB_URI": uri, "MONGODB_DATABASE": "", "BEANIE_TASKS_MODULES": ""}
+    result = CliRunner().invoke(app, ["worker", "obs_app", "--timeout", "5", *args], env=env)
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def one_line_error(*args: str) -> str:
+    lines = worker_error(*args)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--log-level", "LOUD"], "error: unknown log level 'LOUD'; use DEBUG, INFO, WARNING, ERROR"),
+        (["--driver-log-level", "chatty"], "error: unknown log level 'chatty'"),
+        (["--log-format", "xml"], "error: unknown log format 'xml'; use text or json"),
+        (["--setup", "obs_app"], "error: 'obs_app' is not module:function (for example myapp.worker:setup)"),
+        (["--setup", "obs_app:nope"], "error: module 'obs_app' has no 'nope' (from 'obs_app:nope')"),
+        (["--setup", "obs_app:NOT_CALLABLE"], "error: 'obs_app:NOT_CALLABLE' is a int, not a function"),
+        (["--setup", "no_such_module:setup"], "error: no module named 'no_such_module'"),
+    ],
+)
+def test_bad_options_are_one_clear_line(args: list[str], message: str) -> None:
+    assert one_line_error(*args).startswith(message)
+
+
+@pytest.mark.wire
+async def test_a_failing_setup_hook_is_one_line_without_credentials(backend: Any, db: Any, init_tasks: Any) -> None:
+    await init_tasks(ObsWelcome, ObsFlaky, ObsDoomed, ObsSignup)
+    uri = backend.uri.replace("/?", f"/{db.name}?", 1) if "/?" in backend.uri else backend.uri
+    *_, line = await asyncio.to_thread(worker_error, "--setup", "obs_app:broken_setup", uri=uri)
+    assert line.startswith("error: startup hook broken_setup failed: RuntimeError: cannot open mongodb://***@")
+    assert "s3cret" not in line and "reporting" not in line
