@@ -130,7 +130,9 @@ class Worker:
 
     ``concurrency`` bounds how many ``run()`` calls are in progress at once in this process
     (a class's ``TaskSettings.concurrency`` can cap its own share further). Several
-    workers, on one machine or many, can share a database.
+    workers, on one machine or many, can share a database. ``middleware``, ``on_startup``
+    and ``on_shutdown`` are hooks (``beanie_tasks.hooks``): around each run, and before the
+    first claim / after the drain.
     """
 
     def __init__(
