@@ -588,42 +588,37 @@ class Worker:
         if reason == "cancelled":
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while running; run() was stopped", name)
-            return CANCELLED
-        if reason == "lease lost":
+        elif reason == "lease lost":
             self.stats["lease lost"] += 1
-            return LEASE_LOST
-        if task.is_settled:
+        elif task.is_settled:
             self.stats[task.state.value.lower()] += 1  # run() settled the task itself
-            return _status_of(task)
-        if reason == "timeout":
+        elif reason == "timeout":
             await task.fail(f"timed out after {timeout:g} s")
             self.stats["timed out"] += 1
             self._log_failure(record, name, f"timed out after {timeout:g} s")
-            return _status_of(task)
-        if kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
+        elif kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
             await task.finish(value)
             self.stats[task.state.value.lower()] += 1
             if task.state is State.FINISHED:
-                log.info(
-                    "%s finished (attempt %d, %.3f s)", name, task.attempts, record.duration, extra=_fields(record)
-                )
-            else:
+                took = (task.attempts, record.duration)
+                log.info("%s finished (attempt %d, %.3f s)", name, *took, extra=_fields(record))
+            else:  # the result could not be stored
                 self._log_failure(record, name, task.error)
-            return _status_of(task)
-        if reason == "shutdown" or kind == "stopped":
+        elif reason == "shutdown" or kind == "stopped":
             await task.release()
             self.stats["released"] += 1
             log.warning("%s did not finish within the grace period; released for another worker", name)
             return RELEASED
-        if isinstance(value, LeaseLost):
-            raise value
-        if isinstance(value, asyncio.CancelledError):
-            value = "run() raised CancelledError itself (a cancelled child task or library call)"
-        value = explain_error(value)
-        await task.fail(value)
-        self.stats["failed" if task.state.is_terminal else "retrying"] += 1
-        self._log_failure(record, name, value)
-        return _status_of(task)
+        else:
+            if isinstance(value, LeaseLost):
+                raise value
+            if isinstance(value, asyncio.CancelledError):
+                value = "run() raised CancelledError itself (a cancelled child task or library call)"
+            value = explain_error(value)
+            await task.fail(value)
+            self.stats["failed" if task.state.is_terminal else "retrying"] += 1
+            self._log_failure(record, name, value)
+        return {"cancelled": CANCELLED, "lease lost": LEASE_LOST}.get(reason or "", _status_of(task))
 
     @staticmethod
     def _log_failure(record: _Running, name: str, error: BaseException | str | None) -> None:
