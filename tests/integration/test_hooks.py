@@ -186,3 +186,33 @@ async def test_push_middleware_sees_the_task_before_and_after_the_insert() -> No
     assert stored is not None and stored.trace_context == {"stamped": "yes"}
     await HookDouble(n=6).push()
     assert len(seen) == 2  # removed: not called again
+
+
+async def test_sync_generator_setup_and_a_raising_shutdown_hook(caplog: pytest.LogCaptureFixture) -> None:
+    def setup(worker: Worker) -> Any:
+        Journal.events.append("open")
+        yield
+        Journal.events.append("close")
+
+    def broken_shutdown(worker: Worker) -> None:
+        raise OSError("socket already closed")
+
+    async with running(Worker([HookDouble], on_startup=[setup], on_shutdown=[broken_shutdown])):
+        await eventually(lambda: asyncio.sleep(0, result="open" in Journal.events))
+    assert Journal.events == ["open", "close"]  # the other hooks still ran
+    assert any("broken_shutdown raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_raising_push_middleware_is_logged_and_the_push_goes_through(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def before_push(self, task: Task) -> None:
+            raise RuntimeError("audit service down")
+
+    broken = Broken()
+    hooks.add_push_middleware(broken)
+    try:
+        pushed = await HookDouble(n=7).push()
+    finally:
+        hooks.remove_push_middleware(broken)
+    assert (await HookDouble.get(pushed.id)) is not None
+    assert any("Broken.before_push raised" in r.getMessage() for r in caplog.records)
