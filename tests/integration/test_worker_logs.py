@@ -42,13 +42,18 @@ class LogHugeError(Task):
         raise ValueError("x" * 50_000)
 
 
+class LogLeaky(Task):
+    async def run(self) -> None:
+        raise ConnectionError("cannot reach mongodb://billing:Pa55word@db.internal:27017/app")
+
+
 def checksum_of_nothing() -> None:
     raise ZeroDivisionError("the file was empty")
 
 
 @pytest.fixture(autouse=True)
 async def models(init_tasks: Any) -> None:
-    await init_tasks(LogFinishes, LogRetries, LogFailsForGood, LogHugeError)
+    await init_tasks(LogFinishes, LogRetries, LogFailsForGood, LogHugeError, LogLeaky)
 
 
 async def ended(task_class: type[Task], task_id: Any) -> Task | None:
@@ -108,6 +113,19 @@ async def test_the_traceback_on_the_task_is_cut_to_its_end() -> None:
         failed = await eventually(lambda: ended(LogHugeError, pushed.id))
     assert failed.traceback is not None and len(failed.traceback) <= MAX_TRACEBACK + 4
     assert failed.traceback.startswith("...\n") and failed.traceback.endswith("x\n")
+
+
+async def test_no_credential_reaches_the_log_line_or_the_stored_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="beanie_tasks")
+    pushed = await LogLeaky().push()
+    async with running(Worker([LogLeaky])):
+        failed = await eventually(lambda: ended(LogLeaky, pushed.id))
+    [line] = lines_about(caplog, pushed)
+    shown = logging.Formatter().format(line) + caplog.text
+    assert "mongodb://***@db.internal:27017/app" in line.getMessage()
+    assert "Pa55word" not in shown and "billing" not in shown
+    assert failed.traceback is not None and "mongodb://***@db.internal" in failed.traceback
+    assert "Pa55word" not in failed.traceback
 
 
 async def test_a_retry_keeps_the_traceback_of_the_failed_attempt() -> None:
