@@ -84,13 +84,13 @@ class _Running:
         return isinstance(self.handle, ThreadRun) and not self.handle.done()
 
 
-def _status_of(task: Task) -> str:
-    """The outcome status a settled task's state means."""
+def _status_of(task: Task, *, failed: bool) -> str:
+    """The outcome status a settled task's state means; back in CREATED, ``failed`` tells a retry from a release."""
     return {
         State.FINISHED: FINISHED,
         State.FAILED: FAILED,
         State.CANCELLED: CANCELLED,
-        State.CREATED: RETRYING if task.error else RELEASED,
+        State.CREATED: RETRYING if failed else RELEASED,
     }.get(task.state, NOT_RECORDED)
 
 
@@ -585,6 +585,7 @@ class Worker:
         task = record.task
         reason = record.stopped_because
         kind, value = self._outcome(record)
+        settled_by_run = task.is_settled
         if reason == "cancelled":
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while running; run() was stopped", name)
@@ -618,7 +619,9 @@ class Worker:
             await task.fail(value)
             self.stats["failed" if task.state.is_terminal else "retrying"] += 1
             self._log_failure(record, name, value)
-        return {"cancelled": CANCELLED, "lease lost": LEASE_LOST}.get(reason or "", _status_of(task))
+        # Back in CREATED: a retry, unless run() settled the task itself without raising or an error (a release).
+        failed = not settled_by_run or kind == "raised" or task.error is not None
+        return {"cancelled": CANCELLED, "lease lost": LEASE_LOST}.get(reason or "", _status_of(task, failed=failed))
 
     @staticmethod
     def _log_failure(record: _Running, name: str, error: BaseException | str | None) -> None:

@@ -36,6 +36,21 @@ class HookFlaky(Task):
         raise ValueError(f"bad attempt {self.attempts}")
 
 
+class HookSelfSettling(Task):
+    """run() settles the task itself: a release the first time, a failure to retry the second."""
+
+    class TaskSettings:
+        max_attempts = 3
+        backoff = Backoff(base=0.05, jitter=0.0)
+
+    async def run(self) -> None:
+        Journal.events.append(("run", self.attempts))
+        if len(Journal.events) == 1:
+            await self.release()
+        else:
+            await self.fail("not today")
+
+
 class AppNote(Document):
     """An app model that the worker's task writes: a startup hook registers it."""
 
@@ -74,7 +89,7 @@ class Exploding(hooks.Middleware):
 @pytest.fixture(autouse=True)
 async def models(init_tasks: Any) -> None:
     Journal.events = []
-    await init_tasks(HookDouble, HookFlaky, HookWritesNote)
+    await init_tasks(HookDouble, HookFlaky, HookWritesNote, HookSelfSettling)
 
 
 async def ended(task_class: type[Task], task_id: Any) -> Task | None:
@@ -216,3 +231,17 @@ async def test_a_raising_push_middleware_is_logged_and_the_push_goes_through(cap
         hooks.remove_push_middleware(broken)
     assert (await HookDouble.get(pushed.id)) is not None
     assert any("Broken.before_push raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_task_that_run_settles_itself_is_told_apart_release_from_retry() -> None:
+    pushed = await HookSelfSettling().push()
+    statuses: list[str] = []
+
+    class Statuses(hooks.Middleware):
+        def after_run(self, task: Task, outcome: Outcome) -> None:
+            statuses.append(outcome.status)
+
+    async with running(Worker([HookSelfSettling], middleware=[Statuses()])):
+        await eventually(lambda: asyncio.sleep(0, result=len(statuses) >= 2))
+    assert statuses[:2] == [hooks.RELEASED, hooks.RETRYING]
+    assert (await HookSelfSettling.get(pushed.id)) is not None
