@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
-import logging
 import os
 import re
 import signal
@@ -42,9 +41,17 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import beanie_tasks
-from beanie_tasks import clock, driver, store
+from beanie_tasks import clock, driver, logs, store
 from beanie_tasks.admin import RequeueReport
-from beanie_tasks.discovery import DiscoveryError, discover, find_class, imported_from_elsewhere
+from beanie_tasks.discovery import (
+    DiscoveryError,
+    discover,
+    documents_in,
+    find_class,
+    import_modules,
+    imported_from_elsewhere,
+    load_callable,
+)
 from beanie_tasks.errors import TaskError
 from beanie_tasks.redact import scrub, secrets_in
 from beanie_tasks.schedule import Schedule, ScheduleError, schedule_key, scheduled_classes
@@ -292,7 +299,43 @@ def worker(
             help="Claim only tasks whose partition_by field has this value (repeatable; values are strings).",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="Level of beanie_tasks' own lines: DEBUG, INFO, WARNING or ERROR.")
+    ] = "INFO",
+    driver_log_level: Annotated[
+        str, typer.Option("--driver-log-level", help="Level of the MongoDB driver's loggers (pymongo, motor).")
+    ] = "WARNING",
+    log_format: Annotated[str, typer.Option("--log-format", help="text, or json for one JSON object a line.")] = "text",
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--setup",
+            show_default=False,
+            help="module:function called with the worker at startup (repeatable); a generator function's code "
+            "after its yield runs at shutdown.",
+        ),
+    ] = None,
+    register_documents: Annotated[
+        bool,
+        typer.Option(
+            "--register-documents/--no-register-documents",
+            help="Also initialise every other Beanie Document found in MODULES.",
+        ),
+    ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            show_default=False,
+            help="Serve /metrics, /healthz and /readyz on this port (needs the metrics extra).",
+        ),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address the metrics server binds.")] = "0.0.0.0",
+    tracing: Annotated[
+        bool, typer.Option("--tracing/--no-tracing", help="OpenTelemetry spans for runs (needs the otel extra).")
+    ] = False,
     uri: UriOption = None,
     database: DatabaseOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
@@ -306,9 +349,12 @@ def worker(
             "(several modules separated by spaces)"
         )
     connection = Connection.resolve(uri, database, timeout)
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
-        fail(f"unknown log level {log_level!r}; use DEBUG, INFO, WARNING or ERROR")
+    try:
+        level, driver_level = logs.parse_level(log_level), logs.parse_level(driver_log_level)
+        if log_format not in logs.FORMATS:
+            raise ValueError(f"unknown log format {log_format!r}; use {' or '.join(logs.FORMATS)}")
+    except ValueError as exc:
+        fail(str(exc))
 
     async def main() -> None:
         classes = discover(modules)
@@ -318,11 +364,13 @@ def worker(
             raise CliError(f"no task class with a run() method in {', '.join(modules)}")
         for line in imported_from_elsewhere(modules, runnable):
             err.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
-        client = await connection.open(classes)
+        startup = [load_callable(spec) for spec in setup or []]
+        documents = documents_in(import_modules(modules)) if register_documents else []
+        client = await connection.open([*classes, *documents])
         try:
             if schedules:
                 scheduled_classes(runnable)  # a periodic class that cannot build its task fails here, once
-            _log_to_stderr(level)
+            logs.configure(level, driver_level=driver_level, fmt=log_format, secrets=_secrets)
             try:
                 runner = Worker(
                     runnable,
@@ -331,32 +379,63 @@ def worker(
                     grace_period=grace_period,
                     schedules=schedules,
                     partitions=partition or None,
+                    on_startup=startup,
                 )
             except ValueError as exc:
                 raise CliError(str(exc)) from None
+            if tracing:
+                _trace(runner)
+            server = None
+            if metrics_port is not None:  # 0 picks a free port
+                server = _serve_metrics(runner, metrics_host, metrics_port, log_format)
             runner.install_signal_handlers()
             names = ", ".join(cls.__name__ for cls in runnable)
             pinned = f", partitions {', '.join(partition)}" if partition else ""
             started = f"worker {runner.consumer_id}: {names} on {connection.database}"
-            err.print(redact(f"{started} (concurrency {concurrency}{pinned})"), soft_wrap=True)
-            await runner.run()
+            _announce(f"{started} (concurrency {concurrency}{pinned})", log_format)
+            try:
+                await runner.run()
+            finally:
+                if server is not None:
+                    server.close()
         finally:
             await driver.close_client(client)
 
     run(main)
 
 
-class _RedactingFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+def _announce(text: str, log_format: str) -> None:
+    """A line for the operator on stderr: a log record when logs are JSON, so every line parses."""
+    if log_format == "json":
+        logs.cli_log.info("%s", redact(text))
+    else:
+        err.print(redact(text), markup=False, soft_wrap=True)
 
 
-def _log_to_stderr(level: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+def _serve_metrics(runner: Any, host: str, port: int, log_format: str) -> Any:
+    """Count the worker's runs in the default registry (with the process metrics) and serve it."""
+    try:
+        import prometheus_client
+
+        from beanie_tasks.metrics import Metrics, serve
+    except ImportError:
+        raise CliError("--metrics-port needs prometheus-client: pip install 'beanie-tasks[metrics]'") from None
+    metrics = Metrics(prometheus_client.REGISTRY)
+    metrics.attach(runner)
+    try:
+        server = serve(metrics, runner, host=host, port=port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    _announce(f"metrics on http://{host}:{server.port}/metrics (health: /healthz, /readyz)", log_format)
+    return server
+
+
+def _trace(runner: Any) -> None:
+    try:
+        from beanie_tasks.tracing import Tracing
+    except ImportError:
+        raise CliError("--tracing needs opentelemetry-api: pip install 'beanie-tasks[otel]'") from None
+    Tracing().attach(runner)
 
 
 # ------------------------------------------------------------------ status

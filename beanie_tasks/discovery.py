@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from types import ModuleType
+from typing import Any
+
+from beanie import Document
 
 from beanie_tasks.task import Task
 
@@ -94,3 +97,38 @@ def find_class(classes: Sequence[type[Task]], name: str) -> type[Task]:
         raise DiscoveryError(f"unknown task class {name!r}; known classes: {known}")
     qualified = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in matches)
     raise DiscoveryError(f"task class name {name!r} is ambiguous; use one of: {qualified}")
+
+
+def documents_in(modules: Sequence[ModuleType]) -> list[type[Document]]:
+    """Every other Beanie ``Document`` reachable as a module attribute (imported ones too), each once.
+
+    A worker's tasks often write the app's own models: the CLI registers these with its
+    task classes, so ``run()`` never meets an uninitialised model. Beanie's own classes are left out.
+    """
+    found: dict[type[Document], None] = {}
+    for module in modules:
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, Document)
+                and not issubclass(value, Task)
+                and value.__module__.split(".")[0] != "beanie"
+            ):
+                found.setdefault(value)
+    return list(found)
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """``"myapp.worker:setup"`` -> that function; errors say what is wrong with ``spec``."""
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise DiscoveryError(f"{spec!r} is not module:function (for example myapp.worker:setup)")
+    module = import_modules([module_name])[0]
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise DiscoveryError(f"module {module_name!r} has no {attribute!r} (from {spec!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise DiscoveryError(f"{spec!r} is a {type(target).__name__}, not a function")
+    return target  # type: ignore[no-any-return]

@@ -43,3 +43,11 @@ class TaskFailed(TaskError):
 
 class NotRegistered(TaskError):
     """A task class was used before ``init_beanie`` registered it in this process, or registered badly."""
+
+
+class ModelNotInitialized(TaskError):
+    """run() used a Beanie model that ``init_beanie`` never initialised in the worker process."""
+
+
+class HookError(TaskError):
+    """A worker's startup hook raised; the worker did not start."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import importlib
 import multiprocessing
 import pickle
@@ -37,7 +38,8 @@ class ThreadRun:
             loop.call_soon_threadsafe(_resolve, self.started)
             return handler()
 
-        self.future = pool.submit(call)
+        # The thread sees the worker's context (a tracing span set by middleware), as asyncio.to_thread does.
+        self.future = pool.submit(contextvars.copy_context().run, call)
 
     async def result(self) -> Any:
         """The handler's return value; cancelling this wait leaves the thread running."""

@@ -10,7 +10,7 @@ Stored fields of a task document
 --------------------------------
 The model's own fields (``task.Task``): ``state``, ``priority``, ``created_at``,
 ``run_at``, ``attempts``, ``max_attempts``, ``dedupe_key``, ``result``, ``error``,
-``progress``, ``progress_message``, ``consumer_id``, ``lease_token``,
+``traceback``, ``trace_context``, ``progress``, ``progress_message``, ``consumer_id``, ``lease_token``,
 ``lease_expires_at``, ``started_at``, ``finished_at``, ``expires_at``,
 ``rate_limit_key``, ``concurrency_key``, the subclass's own fields, and Beanie's
 class field (``_class_id``) when several classes share the collection through

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import socket
+import traceback as tracebacks
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextvars import ContextVar
 from datetime import datetime, timedelta
@@ -18,6 +19,7 @@ from types import TracebackType
 from typing import Any, ClassVar, NoReturn, TypeVar
 
 from beanie import Document, PydanticObjectId
+from beanie.exceptions import CollectionWasNotInitialized
 from beanie.odm.fields import ExpressionField
 from beanie.odm.utils.dump import get_dict
 from beanie.odm.utils.encoder import Encoder
@@ -34,10 +36,18 @@ from pymongo.errors import (
 )
 from typing_extensions import Self
 
-from beanie_tasks import admin, clock, dependencies, driver
+from beanie_tasks import admin, clock, dependencies, driver, hooks
 from beanie_tasks import store as storage
 from beanie_tasks.clock import FAR_FUTURE, UtcDatetime, as_utc, utcnow
-from beanie_tasks.errors import LeaseLost, PushError, TaskCancelled, TaskFailed, TransitionError, WaitTimeout
+from beanie_tasks.errors import (
+    LeaseLost,
+    ModelNotInitialized,
+    PushError,
+    TaskCancelled,
+    TaskFailed,
+    TransitionError,
+    WaitTimeout,
+)
 from beanie_tasks.options import TaskOptions
 from beanie_tasks.redact import get_logger, redact_text
 from beanie_tasks.states import PRIORITY_RANGE, TERMINAL_STATES, Priority, State
@@ -46,9 +56,22 @@ from beanie_tasks.wakeup import Wakeup, watch_end
 
 log = get_logger("beanie_tasks")
 
-__all__ = ["FAR_FUTURE", "Outage", "Task", "as_utc", "claim", "default_consumer_id", "describe_error", "utcnow"]
+__all__ = [
+    "FAR_FUTURE",
+    "Outage",
+    "Task",
+    "as_utc",
+    "claim",
+    "default_consumer_id",
+    "describe_error",
+    "explain_error",
+    "traceback_of",
+    "utcnow",
+]
 
 MAX_QUARANTINES_PER_POP = 100
+# The longest traceback kept on a failed task: its last characters, where the error was raised.
+MAX_TRACEBACK = 4000
 # The server's code for a document over the 16 MB limit that the driver let through.
 BSON_OBJECT_TOO_LARGE = 10334
 # queue() looks for documents no claim can match once every this many recovery rounds.
@@ -87,6 +110,34 @@ def describe_error(error: BaseException | str | None) -> str | None:
         return error
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def traceback_of(error: BaseException | str | None) -> str | None:
+    """The formatted traceback of ``error``, redacted and cut to its last ``MAX_TRACEBACK`` characters."""
+    if not isinstance(error, BaseException) or error.__traceback__ is None:
+        return None
+    text = redact_text("".join(tracebacks.format_exception(type(error), error, error.__traceback__)))
+    return text if len(text) <= MAX_TRACEBACK else "...\n" + text[-MAX_TRACEBACK:]
+
+
+def explain_error(error: BaseException | str) -> BaseException | str:
+    """``error``, or for Beanie's bare ``CollectionWasNotInitialized`` one that says which model to register and how."""
+    if not isinstance(error, CollectionWasNotInitialized):
+        return error
+    frame = error.__traceback__
+    model = None
+    while frame is not None:  # Beanie raises it from a classmethod of the model: its ``cls``
+        candidate = frame.tb_frame.f_locals.get("cls")
+        if isinstance(candidate, type) and issubclass(candidate, Document):
+            model = candidate
+        frame = frame.tb_next
+    named = f"Beanie model {model.__module__}.{model.__qualname__}" if model is not None else "a Beanie model"
+    explained = ModelNotInitialized(
+        f"run() used {named}, which init_beanie never initialised in this worker process: list it in "
+        "document_models (the CLI registers every Document in the modules it is given), or register it "
+        "in a startup hook (Worker(on_startup=...), or beanie-tasks worker --setup module:function)"
+    )
+    return explained.with_traceback(error.__traceback__)
 
 
 class Outage:
@@ -162,6 +213,10 @@ class Task(Document):
     error: str | None = None
     # The error of the latest failed attempt that was retried; kept when a later attempt succeeds.
     last_error: str | None = None
+    # The traceback of the last failed attempt (redacted, cut to its last MAX_TRACEBACK characters).
+    traceback: str | None = None
+    # The producer's trace context (W3C traceparent), stored at push when tracing is on (tracing.py).
+    trace_context: dict[str, str] | None = None
     progress: float | None = None
     progress_message: str | None = None
     consumer_id: str | None = None
@@ -316,6 +371,7 @@ class Task(Document):
         checked.run_at = due
         checked.max_attempts = self.max_attempts or type(self).task_options.max_attempts
         checked.id = self._push_id = task_id or self._push_id or PydanticObjectId()
+        hooks.before_push(checked)
         links = dependencies.declared_links(type(self))
         dependencies.require_pushed_links(type(self).__name__, links, fields)
         document = get_dict(checked, to_db=True, keep_nulls=True)
@@ -324,11 +380,16 @@ class Task(Document):
             raise PushError(f"{type(self).__name__}.{partition} must be set: it is the class's partition_by field")
         if checked.dedupe_key is not None:
             document["dedupe_slot"] = checked.dedupe_key
-        plan = await dependencies.prepare_push(task_store, type(self).__name__, links, document)
-        stored = await type(self)._insert(task_store, document)
+        try:
+            plan = await dependencies.prepare_push(task_store, type(self).__name__, links, document)
+            stored = await type(self)._insert(task_store, document)
+        except BaseException as exc:
+            hooks.after_push(checked, exc)
+            raise
+        hooks.after_push(checked, None)
         if stored is not None:
             return stored
-        for name in ("id", "max_attempts"):
+        for name in ("id", "max_attempts", "trace_context"):
             setattr(self, name, getattr(checked, name))
         self._adopt({k: document[k] for k in ("state", "run_at", "error") if k in document})
         if plan is not None and await plan.register(checked.id):
@@ -560,11 +621,13 @@ class Task(Document):
         failures = self.attempts if claimed else self.attempts + 1
         limit = self.max_attempts or type(self).task_options.max_attempts
         message = describe_error(error)
+        trace = traceback_of(error)
         if retry and failures < limit and type(self).task_options.retries(error):
             wait = as_delay(retry_in) if retry_in is not None else type(self).task_options.backoff.delay(failures)
             fields: dict[str, Any] = {
                 "state": State.CREATED.value,
                 "last_error": message,
+                "traceback": trace,
                 "lease_token": None,
                 "lease_expires_at": None,
             }
@@ -578,7 +641,7 @@ class Task(Document):
             # Recovery would leave a different error, a new claim a different state or attempts.
             mine = {"state": State.CREATED.value, "lease_token": None, "attempts": self.attempts, "last_error": message}
         else:
-            fields = task_store.terminal_fields(State.FAILED, now) | {"error": message}
+            fields = task_store.terminal_fields(State.FAILED, now) | {"error": message, "traceback": trace}
             update = {"$set": fields, "$unset": {"dedupe_slot": ""}}
             mine = {"state": State.FAILED.value, "lease_token": self.lease_token, "error": message}
             if not claimed:

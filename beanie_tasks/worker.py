@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +35,32 @@ from beanie_tasks.acks import ACK_WINDOW, FinishBatcher
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled, TransitionError
 from beanie_tasks.executors import ProcessRun, ThreadRun
+from beanie_tasks.hooks import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    LEASE_LOST,
+    NOT_RECORDED,
+    RELEASED,
+    RETRYING,
+    Lifecycle,
+    LifecycleHook,
+    Outcome,
+    RunHooks,
+)
 from beanie_tasks.limits import SLOT_CLAIM_GRACE, LimitPolicy
 from beanie_tasks.redact import get_logger, redact_text
+from beanie_tasks.states import State
 from beanie_tasks.store import MAX_BATCH
-from beanie_tasks.task import SWEEP_EVERY_RECOVERIES, Outage, Task, claim, default_consumer_id, describe_error
+from beanie_tasks.task import (
+    SWEEP_EVERY_RECOVERIES,
+    Outage,
+    Task,
+    claim,
+    default_consumer_id,
+    describe_error,
+    explain_error,
+)
 from beanie_tasks.wakeup import Wakeup
 
 log = get_logger("beanie_tasks.worker")
@@ -60,6 +83,7 @@ class _Running:
     runner: asyncio.Future[Any] | None = None
     handle: ThreadRun | ProcessRun | None = None  # a sync run(): its thread or child process
     stopped_because: str | None = None  # "cancelled", "lease lost", "timeout", "shutdown"
+    duration: float = 0.0  # seconds run() took
 
     def handler_ended(self) -> bool:
         """Whether run() is over: its coroutine done, and a sync handler's thread returned too."""
@@ -68,6 +92,28 @@ class _Running:
 
     def thread_running(self) -> bool:
         return isinstance(self.handle, ThreadRun) and not self.handle.done()
+
+
+def _status_of(task: Task, *, failed: bool) -> str:
+    """The outcome status a settled task's state means; back in CREATED, ``failed`` tells a retry from a release."""
+    return {
+        State.FINISHED: FINISHED,
+        State.FAILED: FAILED,
+        State.CANCELLED: CANCELLED,
+        State.CREATED: RETRYING if failed else RELEASED,
+    }.get(task.state, NOT_RECORDED)
+
+
+def _fields(record: _Running) -> dict[str, Any]:
+    """The ``extra`` of a task's log line: JSON logs show each as its own key."""
+    task = record.task
+    return {
+        "task_class": type(task).__name__,
+        "task_id": str(task.id),
+        "attempt": task.attempts,
+        "duration": round(record.duration, 6),
+        "outcome": task.state.value,
+    }
 
 
 def _has_own_run(task_class: type[Task]) -> bool:
@@ -94,7 +140,9 @@ class Worker:
 
     ``concurrency`` bounds how many ``run()`` calls are in progress at once in this process
     (a class's ``TaskSettings.concurrency`` can cap its own share further). Several
-    workers, on one machine or many, can share a database.
+    workers, on one machine or many, can share a database. ``middleware``, ``on_startup``
+    and ``on_shutdown`` are hooks (``beanie_tasks.hooks``): around each run, and before the
+    first claim / after the drain.
     """
 
     def __init__(
@@ -108,6 +156,9 @@ class Worker:
         schedules: bool = True,
         partitions: Sequence[Any] | None = None,
         ack_window: float = ACK_WINDOW,
+        middleware: Sequence[Any] = (),
+        on_startup: Sequence[LifecycleHook] = (),
+        on_shutdown: Sequence[LifecycleHook] = (),
     ) -> None:
         classes = list(dict.fromkeys(_expand_modules(task_classes)))
         if not classes:
@@ -160,6 +211,13 @@ class Worker:
         self._signals_received = 0
         self._signals_wanted = False
         self._executor: ThreadPoolExecutor | None = None
+        # Hooks (hooks.py): middleware around each run, and startup/shutdown hooks; none by default.
+        self.hooks = RunHooks(middleware)
+        self.lifecycle = Lifecycle(on_startup, on_shutdown)
+        # Health, for /healthz: when the claim loop last went round (time.monotonic()), and
+        # whether the worker is started, reaching the server and not stopping.
+        self.last_tick: float | None = None
+        self.ready = False
 
     # ----------------------------------------------------------- control
 
@@ -250,11 +308,17 @@ class Worker:
             self._executor.shutdown(wait=False)
             self._executor = previous
 
+    @property
+    def database(self) -> Any:
+        """The database of the worker's (first) task class: for a startup hook's ``init_beanie`` of other models."""
+        return self.task_classes[0].collection().database
+
     # ------------------------------------------------------------- main
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Claim and run tasks until ``stop`` is set, ``stop()`` is called or a signal arrives; then drain."""
         loop = asyncio.get_running_loop()
+        await self.lifecycle.start(self)  # the app's setup (its other models, its clients) comes first
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         if self._stop_requested:
@@ -280,11 +344,13 @@ class Worker:
             )
             await self._claim_loop(wakeups)
         finally:
+            self.ready = False
             await self._drain()
             await self.acks.close()
             for wakeup in wakeups:
                 await wakeup.close()
             await self._stop_background(background)
+            await self.lifecycle.stop(self)
             self._executor.shutdown(wait=False, cancel_futures=True)
             if self._signals_wanted:
                 for signum in (signal.SIGTERM, signal.SIGINT):
@@ -340,7 +406,9 @@ class Worker:
         outage = Outage(f"worker {self.consumer_id}")
         next_maintenance = 0.0
         rounds = 0
+        self.ready = True
         while not self._stopping.is_set():
+            self.last_tick = time.monotonic()
             try:
                 if loop.time() >= next_maintenance:
                     # The timer moves on first: a round that fails must not be retried before every claim.
@@ -355,6 +423,7 @@ class Worker:
                 self._slot_freed.clear()  # a task ending from here on warrants another claim round
                 started = await self._claim_next()
             except ConnectionFailure as exc:
+                self.ready = False
                 await outage.wait(exc, self._stopping)
                 continue
             except PyMongoError as exc:
@@ -362,6 +431,7 @@ class Worker:
                 await outage.wait(exc, self._stopping)
                 continue
             outage.over()
+            self.ready = not self._stopping.is_set()
             if started:
                 for wakeup in wakeups:
                     wakeup.claimed()
@@ -508,6 +578,9 @@ class Worker:
         task = record.task
         name = f"{type(task).__name__} {task.id}"
         timeout = type(task).task_options.timeout
+        if self.hooks:
+            await self.hooks.before_run(task)
+        began = time.monotonic()
         record.handle = self._sync_handle(task)
         record.runner = runner = asyncio.ensure_future(self._invoke(record))
         keep_alive = asyncio.create_task(self._keep_alive(record))
@@ -521,15 +594,24 @@ class Worker:
             if record.handle is not None:
                 await record.handle.ended()  # a thread cannot be stopped: its slot and lease wait for it
         finally:
+            record.duration = time.monotonic() - began
             keep_alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_alive
+        if self.hooks:
+            kind, error = self._outcome(record)
+            if kind == "raised":
+                await self.hooks.on_exception(task, error)
+        settle_started = time.time_ns()
+        status = NOT_RECORDED
         try:
-            await self._settle_patiently(record, name, timeout)
+            status = await self._settle_patiently(record, name, timeout)
         except TaskCancelled:
+            status = CANCELLED
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while it ran; its outcome was dropped", name)
         except LeaseLost as exc:
+            status = LEASE_LOST
             self.stats["lease lost"] += 1
             log.error("%s: %s; another worker owns it now, this outcome was dropped", name, exc)
         except TransitionError as exc:
@@ -542,6 +624,17 @@ class Worker:
             if not task.is_settled:  # cancelled, lease lost or unsettled: its concurrency slot is free now
                 with contextlib.suppress(PyMongoError):
                     await type(task).task_store().release_slot_of(task.concurrency_key, task.lease_token)
+        if self.hooks:
+            kind, value = self._outcome(record)
+            outcome = Outcome(
+                status,
+                record.duration,
+                error=value if kind == "raised" else record.stopped_because,
+                result=value if kind == "returned" else None,
+                settle_started_ns=settle_started,
+                settle_ended_ns=time.time_ns(),
+            )
+            await self.hooks.after_run(task, outcome)
 
     @staticmethod
     async def _run_within(record: _Running, timeout: float | None) -> None:
@@ -555,12 +648,11 @@ class Worker:
             await asyncio.wait({runner, record.handle.started}, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.wait({runner}, timeout=timeout)
 
-    async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> None:
-        """Settle, retrying a write lost to the network instead of waiting out the lease."""
+    async def _settle_patiently(self, record: _Running, name: str, timeout: float | None) -> str:
+        """Settle, retrying a write lost to the network instead of waiting out the lease; returns the status."""
         for delay in (*SETTLE_RETRY_DELAYS, None):
             try:
-                await self._settle(record, name, timeout)
-                return
+                return await self._settle(record, name, timeout)
             except PyMongoError as exc:
                 retryable = isinstance(exc, ConnectionFailure) or exc.has_error_label("RetryableWriteError")
                 if delay is None or not retryable:
@@ -569,6 +661,7 @@ class Worker:
                 reason = redact_text(str(exc))
                 log.warning("%s: could not record its outcome (%s); trying again in %g s", name, reason, delay)
                 await asyncio.sleep(delay)
+        return NOT_RECORDED  # not reached: the last attempt returns or raises
 
     @staticmethod
     def _outcome(record: _Running) -> tuple[str, Any]:
@@ -587,11 +680,12 @@ class Worker:
         error = runner.exception()
         return ("raised", error) if error is not None else ("returned", runner.result())
 
-    async def _settle(self, record: _Running, name: str, timeout: float | None) -> None:
-        """Write the outcome of one run: finish, fail (retry policy), release, or nothing."""
+    async def _settle(self, record: _Running, name: str, timeout: float | None) -> str:
+        """Write the outcome of one run: finish, fail (retry policy), release, or nothing; returns the status."""
         task = record.task
         reason = record.stopped_because
         kind, value = self._outcome(record)
+        settled_by_run = task.is_settled
         if reason == "cancelled":
             self.stats["cancelled"] += 1
             log.info("%s was cancelled while running; run() was stopped", name)
@@ -602,26 +696,54 @@ class Worker:
         elif reason == "timeout":
             await task.fail(f"timed out after {timeout:g} s", retry=type(task).task_options.retries(TimeoutError()))
             self.stats["timed out"] += 1
-            log.warning("%s timed out after %g s (%s)", name, timeout, task.state.value)
+            self._log_failure(record, name, f"timed out after {timeout:g} s")
         elif kind == "returned":  # once run() has returned, its outcome is recorded, shutdown or not
             if len(self._running) > 1:  # others may end within the ack window and share the write
                 await self.acks.finish(task, value)
             else:
                 await task.finish(value)
             self.stats[task.state.value.lower()] += 1
-            log.debug("%s finished", name)
+            if task.state is State.FINISHED:
+                took = (task.attempts, record.duration)
+                log.info("%s finished (attempt %d, %.3f s)", name, *took, extra=_fields(record))
+            else:  # the result could not be stored
+                self._log_failure(record, name, task.error)
         elif reason == "shutdown" or kind == "stopped":
             await task.release()
             self.stats["released"] += 1
             log.warning("%s did not finish within the grace period; released for another worker", name)
+            return RELEASED
         else:
             if isinstance(value, LeaseLost):
                 raise value
             if isinstance(value, asyncio.CancelledError):
                 value = "run() raised CancelledError itself (a cancelled child task or library call)"
+            value = explain_error(value)
             await task.fail(value)
             self.stats["failed" if task.state.is_terminal else "retrying"] += 1
-            log.warning("%s failed: %r (%s, attempt %d)", name, value, task.state.value, task.attempts)
+            self._log_failure(record, name, value)
+        # Back in CREATED: a retry, unless run() settled the task itself without raising or an error (a release).
+        failed = not settled_by_run or kind == "raised" or task.error is not None
+        return {"cancelled": CANCELLED, "lease lost": LEASE_LOST}.get(reason or "", _status_of(task, failed=failed))
+
+    @staticmethod
+    def _log_failure(record: _Running, name: str, error: BaseException | str | None) -> None:
+        """One line per failed attempt: WARNING while it will be retried, ERROR with the traceback when final."""
+        task = record.task
+        limit = task.max_attempts or type(task).task_options.max_attempts
+        reason = redact_text(describe_error(error) or "no error given")
+        fields = _fields(record)
+        if task.state.is_terminal:
+            trace = error if isinstance(error, BaseException) else None
+            log.error(
+                "%s failed for good (attempt %d of %d, %.3f s): %s",
+                name, task.attempts, limit, record.duration, reason, exc_info=trace, extra=fields,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "%s failed (attempt %d of %d, %.3f s), will retry: %s",
+                name, task.attempts, limit, record.duration, reason, extra=fields,
+            )  # fmt: skip
 
     def _sync_handle(self, task: Task) -> ThreadRun | ProcessRun | None:
         """For a plain ``def run()``: its thread (started now) or its child process; None for ``async def``."""
