@@ -84,6 +84,10 @@ class _Running:
     handle: ThreadRun | ProcessRun | None = None  # a sync run(): its thread or child process
     stopped_because: str | None = None  # "cancelled", "lease lost", "timeout", "shutdown"
     duration: float = 0.0  # seconds run() took
+    attempts_at_claim: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.attempts_at_claim = self.task.attempts
 
     def handler_ended(self) -> bool:
         """Whether run() is over: its coroutine done, and a sync handler's thread returned too."""
@@ -723,7 +727,8 @@ class Worker:
             self.stats["failed" if task.state.is_terminal else "retrying"] += 1
             self._log_failure(record, name, value)
         # Back in CREATED: a retry, unless run() settled the task itself without raising or an error (a release).
-        failed = not settled_by_run or kind == "raised" or task.error is not None
+        # A release gives the attempt back; a failed attempt that will be retried keeps it.
+        failed = not settled_by_run or kind == "raised" or task.attempts >= record.attempts_at_claim
         return {"cancelled": CANCELLED, "lease lost": LEASE_LOST}.get(reason or "", _status_of(task, failed=failed))
 
     @staticmethod

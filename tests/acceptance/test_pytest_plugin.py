@@ -86,7 +86,7 @@ async def test_a_run_that_spans_heartbeats(task_database):
 async def test_a_failure_is_retried_then_dead_lettered(task_database):
     task = await Flaky().push()
     first = await run_now(task)
-    assert first.state is State.CREATED and "on fire" in first.error and first.attempts == 1
+    assert first.state is State.CREATED and "on fire" in (first.last_error or "") and first.attempts == 1
     second = await run_now(task)
     assert second.state is State.FAILED and second.attempts == 2
 

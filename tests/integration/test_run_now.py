@@ -109,7 +109,12 @@ async def test_heartbeats_extend_the_lease_while_run_works() -> None:
 async def test_a_failure_follows_the_retry_policy() -> None:
     task = await Flaky().push()
     first = await run_now(task)
-    assert first.state is State.CREATED and first.attempts == 1 and first.error == "RuntimeError: attempt 1 failed"
+    assert (
+        first.state is State.CREATED
+        and first.attempts == 1
+        and first.error is None
+        and first.last_error == "RuntimeError: attempt 1 failed"
+    )
     second = await run_now(task)
     assert second.state is State.FAILED and second.attempts == 2 and second.error == "RuntimeError: attempt 2 failed"
 
