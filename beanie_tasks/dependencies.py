@@ -348,6 +348,11 @@ def _references(value: Any, owner: str, name: str) -> list[DBRef]:
     raise PushError(f"{owner}.{name} is a dependency field but holds {type(value).__name__}, not a Link")
 
 
+def linked_ids(owner: str, links: Sequence[LinkField], document: Mapping[str, Any]) -> set[Any]:
+    """The ids of every task a stored form links through its dependency fields."""
+    return {ref.id for link in links for ref in _references(document.get(link.name), owner, link.name)}
+
+
 @dataclass
 class PushPlan:
     """What a push of a dependent still has to do after its insert."""

@@ -67,13 +67,13 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from bson.errors import InvalidBSON
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import DocumentTooLarge, DuplicateKeyError, OperationFailure, PyMongoError, WriteError
 
 from beanie_tasks import clock, driver
 from beanie_tasks.errors import NotRegistered
@@ -96,6 +96,9 @@ PAGE = 500
 # A batch claim that lost every candidate to other consumers looks again this many times.
 CLAIM_ROUNDS = 3
 MAX_BATCH = 1000
+DUPLICATE_KEY = 11000
+# A push whose dedupe key is freed and taken again between its tries gives up after this many.
+DEDUPE_ROUNDS = 5
 
 
 # Server error codes that name the document a write was for, not the server or the command:
@@ -109,6 +112,20 @@ UNDECODABLE = "__beanie_tasks_undecodable__"
 
 def undecodable(task_id: Any, token: str, error: Exception) -> dict[str, Any]:
     return {"_id": task_id, "lease_token": token, UNDECODABLE: f"{type(error).__name__}: {error}"[:300]}
+
+
+@dataclass
+class BulkInsert:
+    """What ``Store.insert_many`` did, by position in the documents given; any other position was stored."""
+
+    twins: dict[int, dict[str, Any]] = field(default_factory=dict)  # dedupe clash: the in-flight twin
+    refused: dict[int, PyMongoError | DocumentTooLarge] = field(default_factory=dict)  # the driver's or server's no
+    churned: list[int] = field(default_factory=list)  # the dedupe key kept changing hands: not stored
+
+
+def names_dedupe_slot(details: Any) -> bool:
+    """Whether a duplicate-key error is the dedupe index's (not ``_id``'s or a unique index of the app's)."""
+    return "dedupe_slot" in str(details)
 
 
 @dataclass(frozen=True)
@@ -247,6 +264,65 @@ class Store:
     async def insert(self, document: dict[str, Any]) -> None:
         driver.check_document_size(self.raw, document)
         await self.collection.insert_one(document)
+
+    async def insert_many(self, documents: Sequence[dict[str, Any]]) -> BulkInsert:
+        """Insert with one unordered ``insert_many``, plus one ``find`` per round of dedupe clashes.
+
+        A clash on the dedupe index finds the in-flight twin; one whose twin ended in
+        between is tried again. An ``_id`` clash is an earlier attempt of the same push
+        that landed: stored. Anything else the server refuses is reported, not raised.
+        """
+        report = BulkInsert()
+        pending = list(range(len(documents)))
+        for _ in range(DEDUPE_ROUNDS):
+            for position in list(pending):
+                try:
+                    driver.check_document_size(self.raw, documents[position])
+                except DocumentTooLarge as exc:
+                    report.refused[position] = exc
+                    pending.remove(position)
+            batch = [documents[position] for position in pending]
+            if not batch:
+                return report
+            try:
+                failures = await driver.insert_many(self.collection, batch)
+            except DocumentTooLarge:
+                # The driver refuses a document over the limit before sending it: set those aside and
+                # send the rest again (those already stored clash on ``_id``, which counts as stored).
+                for index in driver.oversized(batch):
+                    report.refused[pending[index]] = DocumentTooLarge("document over MongoDB's 16 MB limit")
+                pending = [position for position in pending if position not in report.refused]
+                continue
+            clashes: dict[int, Any] = {}
+            for failure in failures:
+                position = pending[failure.index]
+                if failure.code == DUPLICATE_KEY and "dedupe_slot" in failure.key_fields:
+                    clashes[position] = documents[position]["dedupe_slot"]
+                elif failure.code != DUPLICATE_KEY or failure.key_fields != ("_id",):
+                    report.refused[position] = WriteError(failure.message, failure.code, {"errmsg": failure.message})
+            pending = []
+            if clashes:
+                twins = await self.find_dedupe_twins([documents[p] for p in clashes])
+                for position, key in clashes.items():
+                    twin = twins.get((self.partition_of(documents[position]), key))
+                    if twin is not None:
+                        report.twins[position] = twin
+                    else:
+                        pending.append(position)  # the twin ended between the clash and the read
+            if not pending:
+                return report
+        report.churned.extend(pending)
+        return report
+
+    def partition_of(self, document: Mapping[str, Any]) -> Any:
+        return document.get(self.partition_field) if self.partition_field is not None else None
+
+    async def find_dedupe_twins(self, documents: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any]]:
+        """The in-flight tasks holding these documents' dedupe keys, by (partition value, key): one ``find``."""
+        selector = self.scope() | {"dedupe_slot": {"$in": sorted({str(d["dedupe_slot"]) for d in documents})}}
+        if self.partition_field is not None:
+            selector[self.partition_field] = {"$in": list(dict.fromkeys(map(self.partition_of, documents)))}
+        return {(self.partition_of(row), row["dedupe_slot"]): row async for row in self.collection.find(selector)}
 
     async def find_by_id(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         found: dict[str, Any] | None = await self.collection.find_one({"_id": task_id}, projection)

@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, TypeVar
@@ -37,8 +38,17 @@ from typing_extensions import Self
 from beanie_tasks import admin, clock, dependencies, driver
 from beanie_tasks import store as storage
 from beanie_tasks.clock import FAR_FUTURE, UtcDatetime, as_utc, utcnow
-from beanie_tasks.errors import LeaseLost, PushError, TaskCancelled, TaskFailed, TransitionError, WaitTimeout
+from beanie_tasks.errors import (
+    LeaseLost,
+    PushError,
+    TaskCancelled,
+    TaskError,
+    TaskFailed,
+    TransitionError,
+    WaitTimeout,
+)
 from beanie_tasks.options import TaskOptions
+from beanie_tasks.producing import PUSH_CHUNK, PushOutcome, PushStatus, dependency_levels
 from beanie_tasks.redact import get_logger, redact_text
 from beanie_tasks.states import PRIORITY_RANGE, TERMINAL_STATES, Priority, State
 from beanie_tasks.store import Store
@@ -54,6 +64,7 @@ BSON_OBJECT_TOO_LARGE = 10334
 # queue() looks for documents no claim can match once every this many recovery rounds.
 SWEEP_EVERY_RECOVERIES = 10
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATES)
+Given = TypeVar("Given")
 
 # Set while stored data is validated (``model_validate``, which Beanie's reads use too):
 # pydantic runs a custom ``__init__`` then as well, and a naive date there is a BSON date
@@ -133,6 +144,37 @@ def restore_field_defaults(cls: type[BaseModel]) -> None:
         cls.model_rebuild(force=True)
 
 
+def push_failure(name: str, task_id: Any, error: PyMongoError | DocumentTooLarge, method: str) -> PushError:
+    """The one-line error for a push the server or the driver refused (``method`` names the call to retry)."""
+    if isinstance(error, DocumentTooLarge) or (isinstance(error, WriteError) and error.code == BSON_OBJECT_TOO_LARGE):
+        return PushError(
+            f"{name} is larger than MongoDB's 16 MB document limit; store big payloads elsewhere and push a reference"
+        )
+    if isinstance(error, WriteError):
+        return PushError(f"could not push {name}: {redact_text(str(error))}")
+    return PushError(
+        f"could not push {name} {task_id}: {redact_text(describe_error(error) or '')}. "
+        f"It may or may not be stored; calling {method} again on the same object is safe (it reuses this id)"
+    )
+
+
+def dedupe_churn(name: str, key: Any) -> PushError:
+    return PushError(f"could not push {name} with dedupe_key {key!r}: the key kept changing hands")
+
+
+def rejected(task: Given, error: str) -> PushOutcome[Given]:
+    return PushOutcome(task, PushStatus.REJECTED, error=error)
+
+
+def rejection(task: object, error: Exception) -> str:
+    """One line for a task ``push_many`` could not even try to store."""
+    if isinstance(error, ValidationError):
+        return f"invalid {type(task).__name__}: {error.error_count()} validation error(s): " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+        )
+    return " ".join((describe_error(error) or "").split())
+
+
 def refuse_whole_document_write(task_class: type, method: str) -> NoReturn:
     """Beanie's whole-document writes would bypass the lease guard and the dedupe slot."""
     raise TransitionError(
@@ -140,6 +182,15 @@ def refuse_whole_document_write(task_class: type, method: str) -> NoReturn:
         "the dedupe slot; use push() to store a task, and finish(), fail(), release(), cancel() or "
         "set_progress() to change one"
     )
+
+
+@dataclass(frozen=True)
+class PushDraft:
+    """A validated task and the document its push stores (``Task.push_draft``), before any command."""
+
+    checked: Any  # the validated copy of the task, with the id and fields the push chose
+    document: dict[str, Any]
+    links: tuple[dependencies.LinkField, ...]
 
 
 class Task(Document):
@@ -298,10 +349,35 @@ class Task(Document):
         """
         if self.id is not None:
             raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
+        task_store = type(self).task_store()
+        draft = self.push_draft(task_store, task_store.now(), delay=delay, run_at=run_at, task_id=task_id)
+        plan = await dependencies.prepare_push(task_store, type(self).__name__, draft.links, draft.document)
+        stored = await type(self)._insert(task_store, draft.document)
+        if stored is not None:
+            return stored
+        self.adopt_push(draft)
+        if plan is not None and await plan.register(draft.checked.id):
+            current = await task_store.find_by_id(draft.checked.id, {"state": 1, "run_at": 1, "error": 1})
+            if current is not None:
+                self._adopt(current)
+        return self
+
+    def push_draft(
+        self,
+        task_store: Store,
+        now: datetime,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        task_id: PydanticObjectId | None = None,
+    ) -> PushDraft:
+        """Validate this task and build the document a push stores, without sending anything.
+
+        Every producer (``push``, ``push_many``, ``push_sync``) builds its document here, so
+        they cannot drift apart. Raises on bad input; dependency readiness is added later.
+        """
         if delay is not None and run_at is not None:
             raise ValueError("pass either delay or run_at, not both")
-        task_store = type(self).task_store()
-        now = task_store.now()
         if run_at is not None:
             due = require_aware("run_at", run_at)
         elif delay is not None:
@@ -322,30 +398,155 @@ class Task(Document):
             raise PushError(f"{type(self).__name__}.{partition} must be set: it is the class's partition_by field")
         if checked.dedupe_key is not None:
             document["dedupe_slot"] = checked.dedupe_key
-        plan = await dependencies.prepare_push(task_store, type(self).__name__, links, document)
-        stored = await type(self)._insert(task_store, document)
-        if stored is not None:
-            return stored
+        return PushDraft(checked, document, links)
+
+    def adopt_push(self, draft: PushDraft) -> None:
+        """This task was stored as ``draft``: take its id and the fields the push decided."""
         for name in ("id", "max_attempts"):
-            setattr(self, name, getattr(checked, name))
-        self._adopt({k: document[k] for k in ("state", "run_at", "error") if k in document})
-        if plan is not None and await plan.register(checked.id):
-            current = await task_store.find_by_id(checked.id, {"state": 1, "run_at": 1, "error": 1})
-            if current is not None:
-                self._adopt(current)
-        return self
+            setattr(self, name, getattr(draft.checked, name))
+        self._adopt({k: draft.document[k] for k in ("state", "run_at", "error") if k in draft.document})
+
+    @classmethod
+    async def push_many(cls, tasks: Iterable[Self], *, chunk_size: int = PUSH_CHUNK) -> list[PushOutcome[Self]]:
+        """Push many tasks with one unordered ``insert_many`` per chunk of up to ``chunk_size``.
+
+        Returns one ``PushOutcome`` per task, in order: PUSHED, DUPLICATE (its ``dedupe_key``
+        is in flight: ``stored`` is the task holding it) or REJECTED (``error`` says why;
+        nothing was stored), so one bad task never costs the others their push.
+        Validation, dedupe and links work as in ``push()``; a task may link another task
+        of the same call, which is then stored first. A lost connection raises PushError:
+        tasks that have an id by then were pushed, and pushing the others again is safe.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size!r}")
+        batch = list(tasks)
+        for task_class in {type(task) for task in batch if isinstance(task, cls)}:
+            task_class.task_store()  # an unregistered class is the caller's mistake: raise before storing any
+        outcomes: dict[int, PushOutcome[Self]] = {}
+        lent: list[int] = []
+        for position, task in enumerate(batch):
+            if not isinstance(task, cls):
+                outcomes[position] = rejected(task, f"{type(task).__name__} is not a {cls.__name__}")
+            elif task.id is not None:
+                outcomes[position] = rejected(task, f"{type(task).__name__} {task.id} was already pushed")
+            else:
+                # Its id now, so that another task of the same call can link it.
+                task.id = task._push_id = task._push_id or PydanticObjectId()
+                lent.append(position)
+        try:
+            drafts: dict[int, PushDraft] = {}
+            for position in lent:
+                task = batch[position]
+                try:
+                    task_store = type(task).task_store()
+                    drafts[position] = task.push_draft(task_store, task_store.now())
+                except (ValidationError, ValueError, TypeError, TaskError) as exc:
+                    outcomes[position] = rejected(task, rejection(task, exc))
+            in_batch = {batch[position].id: position for position in lent}
+            await cls._push_levels(batch, in_batch, drafts, outcomes, chunk_size)
+        finally:
+            for position in lent:
+                outcome = outcomes.get(position)
+                if outcome is None or not outcome.pushed:
+                    batch[position].id = None
+        return [outcomes[position] for position in range(len(batch))]
+
+    @classmethod
+    async def _push_levels(
+        cls,
+        batch: list[Self],
+        in_batch: dict[Any, int],
+        drafts: dict[int, PushDraft],
+        outcomes: dict[int, PushOutcome[Self]],
+        chunk_size: int,
+    ) -> None:
+        """Store the drafts dependencies first, one level at a time, each class's in chunks.
+
+        ``in_batch`` maps the id lent to each task of the call to its position.
+        """
+        links_to: dict[int, set[int]] = {}
+        for position, draft in drafts.items():
+            try:
+                linked = dependencies.linked_ids(type(batch[position]).__name__, draft.links, draft.document)
+            except PushError as exc:
+                outcomes[position] = rejected(batch[position], str(exc))
+                continue
+            links_to[position] = {in_batch[i] for i in linked if i in in_batch}
+        # Tasks already decided (rejected above) need no ordering: their dependents are rejected below.
+        levels, stuck = dependency_levels({p: wanted & links_to.keys() for p, wanted in links_to.items()})
+        for position in stuck:
+            outcomes[position] = rejected(batch[position], "it links tasks of the same call in a cycle")
+        for level in levels:
+            by_class: dict[type[Self], list[int]] = {}
+            for position in level:
+                missing = sorted(p for p in links_to[position] if not outcomes[p].pushed)
+                if missing:
+                    other = outcomes[missing[0]]
+                    outcomes[position] = rejected(
+                        batch[position],
+                        f"it links {type(other.task).__name__} {batch[missing[0]].id} of the same call, "
+                        f"which was not pushed ({other.status.value})",
+                    )
+                    continue
+                by_class.setdefault(type(batch[position]), []).append(position)
+            for task_class, positions in by_class.items():
+                for start in range(0, len(positions), chunk_size):
+                    await task_class._push_chunk(batch, drafts, positions[start : start + chunk_size], outcomes)
+
+    @classmethod
+    async def _push_chunk(
+        cls,
+        batch: list[Self],
+        drafts: dict[int, PushDraft],
+        positions: list[int],
+        outcomes: dict[int, PushOutcome[Self]],
+    ) -> None:
+        task_store = cls.task_store()
+        plans: dict[int, dependencies.PushPlan | None] = {}
+        for position in positions:
+            draft = drafts[position]
+            try:
+                plans[position] = await dependencies.prepare_push(task_store, cls.__name__, draft.links, draft.document)
+            except PushError as exc:
+                outcomes[position] = rejected(batch[position], str(exc))
+        sending = list(plans)
+        try:
+            report = await task_store.insert_many([drafts[position].document for position in sending])
+        except PyMongoError as exc:
+            raise PushError(
+                f"could not push {len(sending)} {cls.__name__} task(s): {redact_text(describe_error(exc) or '')}. "
+                "They may or may not be stored; calling push_many() again with them is safe (each reuses its id)"
+            ) from exc
+        for index, position in enumerate(sending):
+            task, draft = batch[position], drafts[position]
+            if index in report.twins:
+                twin = cls.model_validate(report.twins[index])
+                outcomes[position] = PushOutcome(task, PushStatus.DUPLICATE, stored=twin)
+            elif index in report.refused:
+                error = push_failure(cls.__name__, draft.checked.id, report.refused[index], "push_many()")
+                outcomes[position] = rejected(task, str(error))
+            elif index in report.churned:
+                outcomes[position] = rejected(task, str(dedupe_churn(cls.__name__, draft.document["dedupe_slot"])))
+            else:
+                task.adopt_push(draft)
+                plan = plans[position]
+                if plan is not None and await plan.register(draft.checked.id):
+                    current = await task_store.find_by_id(draft.checked.id, {"state": 1, "run_at": 1, "error": 1})
+                    if current is not None:
+                        task._adopt(current)
+                outcomes[position] = PushOutcome(task, PushStatus.PUSHED, stored=task)
 
     @classmethod
     async def _insert(cls, task_store: Store, document: dict[str, Any]) -> Self | None:
         """Insert; on a dedupe clash return the in-flight twin instead (None means inserted)."""
         key = document.get("dedupe_slot")
         partition = document.get(task_store.partition_field) if task_store.partition_field else None
-        for _ in range(5):
+        for _ in range(storage.DEDUPE_ROUNDS):
             try:
                 await task_store.insert(document)
                 return None
             except DuplicateKeyError as exc:
-                if key is None or "dedupe_slot" not in str(exc.details or exc):
+                if key is None or not storage.names_dedupe_slot(exc.details or exc):
                     if await task_store.find_by_id(document["_id"], {"_id": 1}) is not None:
                         return None  # an ambiguous retry already stored it
                     raise
@@ -353,19 +554,9 @@ class Task(Document):
                 if twin is not None:
                     return cls.model_validate(twin)  # type: ignore[no-any-return,unused-ignore]
                 # The twin ended between the clash and the read: the key is free again.
-            except (DocumentTooLarge, WriteError) as exc:
-                if isinstance(exc, WriteError) and exc.code != BSON_OBJECT_TOO_LARGE:
-                    raise PushError(f"could not push {cls.__name__}: {redact_text(str(exc))}") from exc
-                raise PushError(
-                    f"{cls.__name__} is larger than MongoDB's 16 MB document limit; "
-                    "store big payloads elsewhere and push a reference"
-                ) from exc
-            except PyMongoError as exc:
-                raise PushError(
-                    f"could not push {cls.__name__} {document['_id']}: {redact_text(describe_error(exc) or '')}. "
-                    "It may or may not be stored; calling push() again on the same object is safe (it reuses this id)"
-                ) from exc
-        raise PushError(f"could not push {cls.__name__} with dedupe_key {key!r}: the key kept changing hands")
+            except (PyMongoError, DocumentTooLarge) as exc:
+                raise push_failure(cls.__name__, document["_id"], exc, "push()") from exc
+        raise dedupe_churn(cls.__name__, key)
 
     # --------------------------------------------------------------- claiming
 
