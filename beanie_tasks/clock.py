@@ -95,10 +95,16 @@ def utcnow() -> datetime:
 
 async def sync(collection: Any) -> timedelta:
     """Measure the client's offset from the server now; warn when it is large."""
-    client = _client_of(collection)
     before = local_now()
     server_time = await driver.server_time(collection)
-    after = local_now()
+    return record(_client_of(collection), before, server_time, local_now())
+
+
+def record(client: Any, before: datetime, server_time: datetime | None, after: datetime) -> timedelta:
+    """Keep the offset of ``client`` from a ``server_time`` read between ``before`` and ``after``; warn when large.
+
+    ``sync`` measures it for async clients; ``beanie_tasks.sync`` for its PyMongo client.
+    """
     if server_time is None:  # an in-process backend: its clock is this host's
         delta = timedelta(0)
     else:

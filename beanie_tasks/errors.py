@@ -43,3 +43,7 @@ class TaskFailed(TaskError):
 
 class NotRegistered(TaskError):
     """A task class was used before ``init_beanie`` registered it in this process, or registered badly."""
+
+
+class NotConfigured(TaskError):
+    """``beanie_tasks.sync`` was used before ``init()``, or ``init()`` was given settings it cannot use."""

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -280,8 +281,16 @@ class Task(Document):
     async def custom_init(cls) -> None:
         """Called by ``init_beanie``: registers the class, creates its indexes, measures the server's clock."""
         collection = driver.collection_of(cls)
+        task_store = cls.new_store(collection)
+        storage.register(cls, task_store, shares_by_inheritance=task_store.class_field is not None)
+        await task_store.ensure_indexes()
+        await clock.sync(collection)
+
+    @classmethod
+    def new_store(cls, collection: Any) -> Store:
+        """A store for this class's commands on ``collection`` (async, or PyMongo's sync for ``push_sync``)."""
         inherits = bool(getattr(cls, "_inheritance_inited", False))
-        task_store = Store(
+        return Store(
             cls.__name__,
             collection,
             cls.task_options,
@@ -289,9 +298,6 @@ class Task(Document):
             class_ids=(lambda: [str(cls._class_id), *cls._children]) if inherits else None,
             partition_field=cls.task_options.partition_by,
         )
-        storage.register(cls, task_store, shares_by_inheritance=inherits)
-        await task_store.ensure_indexes()
-        await clock.sync(collection)
 
     @classmethod
     def task_store(cls) -> Store:
@@ -535,6 +541,79 @@ class Task(Document):
                     if current is not None:
                         task._adopt(current)
                 outcomes[position] = PushOutcome(task, PushStatus.PUSHED, stored=task)
+
+    # ------------------------------------------------------------ from sync code
+
+    def push_sync(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        task_id: PydanticObjectId | None = None,
+    ) -> Self:
+        """``push()`` for code without an event loop (Flask, Django, scripts), through PyMongo's sync client.
+
+        Needs ``beanie_tasks.sync.init(uri, document_models=[...])`` once per process. The
+        same validation, dedupe and links as ``push()``; one command for a task without links.
+        """
+        if self.id is not None:
+            raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
+        sync_store = storage.sync_of(type(self))
+        task_store = sync_store.shape
+        draft = self.push_draft(task_store, task_store.now(), delay=delay, run_at=run_at, task_id=task_id)
+        plan = dependencies.prepare_push_sync(sync_store, type(self).__name__, draft.links, draft.document)
+        stored = type(self)._insert_sync(sync_store, draft.document)
+        if stored is not None:
+            return stored
+        self.adopt_push(draft)
+        if plan is not None and dependencies.register_sync(plan, sync_store, draft.checked.id):
+            current = sync_store.find_by_id(draft.checked.id, {"state": 1, "run_at": 1, "error": 1})
+            if current is not None:
+                self._adopt(current)
+        return self
+
+    @classmethod
+    def _insert_sync(cls, sync_store: storage.SyncStore, document: dict[str, Any]) -> Self | None:
+        """``_insert`` through the sync client: on a dedupe clash, the in-flight twin (None means inserted)."""
+        key = document.get("dedupe_slot")
+        partition = sync_store.shape.partition_of(document)
+        for _ in range(storage.DEDUPE_ROUNDS):
+            try:
+                sync_store.insert(document)
+                return None
+            except DuplicateKeyError as exc:
+                if key is None or not storage.names_dedupe_slot(exc.details or exc):
+                    if sync_store.find_by_id(document["_id"], {"_id": 1}) is not None:
+                        return None  # an ambiguous retry already stored it
+                    raise
+                twin = sync_store.find_dedupe_twin(key, partition)
+                if twin is not None:
+                    return cls.model_validate(twin)  # type: ignore[no-any-return,unused-ignore]
+            except (PyMongoError, DocumentTooLarge) as exc:
+                raise push_failure(cls.__name__, document["_id"], exc, "push_sync()") from exc
+        raise dedupe_churn(cls.__name__, key)
+
+    def wait_sync(self, timeout: float | timedelta | None = None, *, poll_interval: float = 0.5) -> Self:
+        """``wait()`` for code without an event loop: polls, backing off up to ``poll_interval``.
+
+        Returns the FINISHED task freshly read; raises TaskFailed or WaitTimeout as ``wait()`` does.
+        """
+        if self.id is None:
+            raise TransitionError(f"cannot wait for a {type(self).__name__} that was never pushed")
+        sync_store = storage.sync_of(type(self))
+        limit = as_delay(timeout).total_seconds() if timeout is not None else None
+        deadline = time.monotonic() + limit if limit is not None else None
+        pause = 0.0
+        while True:
+            document = sync_store.find_by_id(self.id)
+            ended = self._ended(document)
+            if ended is not None:
+                return ended
+            remaining = deadline - time.monotonic() if deadline is not None else None
+            if remaining is not None and remaining <= 0:
+                raise self._still_waiting(document, limit or 0.0)
+            pause = min(max(pause * 2, 0.05), poll_interval)
+            time.sleep(pause if remaining is None else min(pause, remaining))
 
     @classmethod
     async def _insert(cls, task_store: Store, document: dict[str, Any]) -> Self | None:
@@ -911,25 +990,38 @@ class Task(Document):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + as_delay(timeout).total_seconds() if timeout is not None else None
         collection = self.collection()
-        name = f"{type(self).__name__} {self.id}"
-
         remaining = deadline - loop.time() if deadline is not None else None
         async with watch_end(collection, self.id, max_poll=poll_interval, timeout=remaining) as ending:
             while True:
                 document = await storage.read_task(collection, self.id)
-                if document is None:
-                    raise TransitionError(f"cannot wait for {name}: it no longer exists")
-                if document.get("state") in TERMINAL_VALUES:
-                    ended = type(self).model_validate(document)
-                    if ended.state is State.FINISHED:
-                        return ended  # type: ignore[no-any-return,unused-ignore]
-                    raise TaskFailed(f"{name} ended {ended.state.value}: {ended.error or 'no error recorded'}", ended)
+                ended = self._ended(document)
+                if ended is not None:
+                    return ended
                 remaining = deadline - loop.time() if deadline is not None else None
                 if remaining is not None and remaining <= 0:
-                    state = document.get("state")
-                    waited = as_delay(timeout).total_seconds()
-                    raise WaitTimeout(f"{name} is still {getattr(state, 'value', state)} after {waited:g} s")
+                    raise self._still_waiting(document, as_delay(timeout).total_seconds())
                 await ending.wait(remaining)
+
+    def _ended(self, document: dict[str, Any] | None) -> Self | None:
+        """What ``wait()`` and ``wait_sync()`` make of a fresh read: the FINISHED task, None while in flight.
+
+        Raises TaskFailed for FAILED and CANCELLED, and TransitionError once the task is gone.
+        """
+        name = f"{type(self).__name__} {self.id}"
+        if document is None:
+            raise TransitionError(f"cannot wait for {name}: it no longer exists")
+        if document.get("state") not in TERMINAL_VALUES:
+            return None
+        ended = type(self).model_validate(document)
+        if ended.state is State.FINISHED:
+            return ended  # type: ignore[no-any-return,unused-ignore]
+        raise TaskFailed(f"{name} ended {ended.state.value}: {ended.error or 'no error recorded'}", ended)
+
+    def _still_waiting(self, document: dict[str, Any] | None, waited: float) -> WaitTimeout:
+        state = (document or {}).get("state")
+        return WaitTimeout(
+            f"{type(self).__name__} {self.id} is still {getattr(state, 'value', state)} after {waited:g} s"
+        )
 
     # ------------------------------------------------------------- recovery
 
