@@ -167,6 +167,18 @@ def rejected(task: Given, error: str) -> PushOutcome[Given]:
     return PushOutcome(task, PushStatus.REJECTED, error=error)
 
 
+def duplicate_of(task: Given, twin: dict[str, Any]) -> PushOutcome[Given]:
+    """The outcome of a dedupe clash; a twin that does not validate is named by its id, with the reason."""
+    task_class: Any = type(task)
+    try:
+        return PushOutcome(task, PushStatus.DUPLICATE, stored=task_class.model_validate(twin))
+    except ValidationError as exc:
+        reason = f"the in-flight task holding its dedupe_key does not validate: {rejection(task, exc)}"
+        return PushOutcome(
+            task, PushStatus.DUPLICATE, stored=task_class.model_construct(id=twin.get("_id")), error=reason
+        )
+
+
 def rejection(task: object, error: Exception) -> str:
     """One line for a task ``push_many`` could not even try to store."""
     if isinstance(error, ValidationError):
@@ -430,15 +442,19 @@ class Task(Document):
             task_class.task_store()  # an unregistered class is the caller's mistake: raise before storing any
         outcomes: dict[int, PushOutcome[Self]] = {}
         lent: list[int] = []
+        seen: set[int] = set()
         for position, task in enumerate(batch):
             if not isinstance(task, cls):
                 outcomes[position] = rejected(task, f"{type(task).__name__} is not a {cls.__name__}")
+            elif id(task) in seen:
+                outcomes[position] = rejected(task, "the same object appears earlier in this call")
             elif task.id is not None:
                 outcomes[position] = rejected(task, f"{type(task).__name__} {task.id} was already pushed")
             else:
                 # Its id now, so that another task of the same call can link it.
                 task.id = task._push_id = task._push_id or PydanticObjectId()
                 lent.append(position)
+                seen.add(id(task))
         try:
             drafts: dict[int, PushDraft] = {}
             for position in lent:
@@ -526,8 +542,7 @@ class Task(Document):
         for index, position in enumerate(sending):
             task, draft = batch[position], drafts[position]
             if index in report.twins:
-                twin = cls.model_validate(report.twins[index])
-                outcomes[position] = PushOutcome(task, PushStatus.DUPLICATE, stored=twin)
+                outcomes[position] = duplicate_of(task, report.twins[index])
             elif index in report.refused:
                 error = push_failure(cls.__name__, draft.checked.id, report.refused[index], "push_many()")
                 outcomes[position] = rejected(task, str(error))

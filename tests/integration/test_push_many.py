@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from beanie import Link
+from bson import ObjectId
 
 from beanie_tasks import DependencyType, PushOutcome, PushStatus, State, Task, depends_on
 from beanie_tasks.task import FAR_FUTURE
@@ -25,13 +26,20 @@ class Publish(Task):
     resize: Link[Resize] = depends_on(DependencyType.DIRECT)
 
 
+class Tenanted(Task):
+    tenant: str
+
+    class TaskSettings:
+        partition_by = "tenant"
+
+
 class Step(Task):
     previous: Link[Step] | None = depends_on(DependencyType.DIRECT, default=None)
 
 
 @pytest.fixture(autouse=True)
 async def models(init_tasks: Any) -> None:
-    await init_tasks(Mail, Resize, Publish, Step)
+    await init_tasks(Mail, Resize, Publish, Step, Tenanted)
 
 
 def statuses(outcomes: list[PushOutcome[Any]]) -> list[str]:
@@ -170,3 +178,31 @@ async def test_a_link_to_a_missing_task_is_rejected_like_push() -> None:
     outcomes = await Publish.push_many([Publish(resize=ghost), Publish(resize=await Resize(src="ok").push())])  # type: ignore[arg-type]
     assert statuses(outcomes) == ["rejected", "pushed"]
     assert "does not exist" in (outcomes[0].error or "")
+
+
+async def test_the_same_object_twice_is_pushed_once() -> None:
+    task = Mail(to="a")
+    outcomes = await Mail.push_many([task, task])
+    assert statuses(outcomes) == ["pushed", "rejected"] and "appears earlier" in (outcomes[1].error or "")
+    assert await Mail.find_all().count() == 1
+
+
+async def test_a_malformed_twin_is_reported_by_id_and_the_others_are_pushed() -> None:
+    hostile = {"_id": ObjectId(), "state": "CREATED", "to": 12, "dedupe_key": "evil", "dedupe_slot": "evil"}
+    await Mail.collection().insert_one(hostile)
+    outcomes = await Mail.push_many([Mail(to="a", dedupe_key="evil"), Mail(to="b")])
+    assert statuses(outcomes) == ["duplicate", "pushed"]
+    assert outcomes[0].id == hostile["_id"] and "does not validate" in (outcomes[0].error or "")
+
+
+@pytest.mark.wire  # mongomock's dedupe index cannot be scoped to a partition (see driver.py)
+async def test_dedupe_keys_are_per_partition() -> None:
+    held = await Tenanted(tenant="acme", dedupe_key="nightly").push()
+    outcomes = await Tenanted.push_many(
+        [Tenanted(tenant="acme", dedupe_key="nightly"), Tenanted(tenant="globex", dedupe_key="nightly")]
+    )
+    assert statuses(outcomes) == ["duplicate", "pushed"] and outcomes[0].id == held.id
+    missing = Tenanted(tenant="x")
+    missing.tenant = ""
+    [refused] = await Tenanted.push_many([missing])
+    assert refused.status is PushStatus.REJECTED and "partition_by" in (refused.error or "")
