@@ -520,6 +520,79 @@ async def prepare_push(
     return plan_push(owner, owner_name, request, states, document)
 
 
+# ------------------------------------------------------------------ pushing in bulk
+# ``push_many`` pays for links per chunk, not per dependent: one read per linked
+# collection before the insert, one registration per linked collection after it.
+
+# Dependency ids per read or registration command (a chunk of dependents may link many).
+IDS_PER_COMMAND = 10_000
+
+
+def pages(ids: Sequence[Any]) -> list[list[Any]]:
+    return [list(ids[start : start + IDS_PER_COMMAND]) for start in range(0, len(ids), IDS_PER_COMMAND)]
+
+
+async def prepare_pushes(
+    owner: Store, owner_name: str, drafts: Sequence[tuple[Sequence[LinkField], dict[str, Any]]]
+) -> list[PushPlan | PushError | None]:
+    """``prepare_push`` for many dependents of one class, with one read per linked collection for them all.
+
+    One entry per draft: its plan, None without links, or the PushError that rejects it.
+    """
+    requests: list[LinkRequest | PushError | None] = []
+    wanted: dict[str, dict[Any, None]] = {}
+    for links, document in drafts:
+        if not links:
+            requests.append(None)
+            continue
+        try:
+            request = link_request(owner_name, links, document)
+        except PushError as exc:
+            requests.append(exc)
+            continue
+        requests.append(request)
+        for name, ids in request.by_collection.items():
+            wanted.setdefault(name, {}).update(dict.fromkeys(ids))
+    states: dict[str, dict[Any, dict[str, Any]]] = {}
+    for name, unique in wanted.items():
+        for page in pages(list(unique)):
+            states.setdefault(name, {}).update(await owner.states_of(name, page))
+    plans: list[PushPlan | PushError | None] = []
+    for entry, (_, document) in zip(requests, drafts, strict=True):
+        if not isinstance(entry, LinkRequest):
+            plans.append(entry)
+            continue
+        try:
+            plans.append(plan_push(owner, owner_name, entry, states, document))
+        except PushError as exc:
+            plans.append(exc)
+    return plans
+
+
+async def register_many(owner: Store, plans: Sequence[tuple[PushPlan, Any]]) -> set[Any]:
+    """``PushPlan.register`` for many stored dependents: one ``update_many`` per linked collection.
+
+    A collection where fewer dependencies matched than were named (one ended in
+    between) falls back to each of its dependents' own ``register``, which applies what
+    ended. Returns the ids of the dependents whose state may have changed.
+    """
+    waiting = [(plan, task_id) for plan, task_id in plans if plan.outcome is WAITING]
+    linked: dict[str, dict[Any, None]] = {}
+    for plan, _ in waiting:
+        for name, pending in plan.pending.items():
+            linked.setdefault(name, {}).update(dict.fromkeys(pending))
+    short: set[str] = set()
+    for name, unique in linked.items():
+        for page in pages(list(unique)):
+            if await owner.register_dependent(name, page) < len(page):
+                short.add(name)
+    touched: set[Any] = set()
+    for plan, task_id in waiting:
+        if short & plan.pending.keys() and await plan.register(task_id):
+            touched.add(task_id)
+    return touched
+
+
 # ------------------------------------------------------------------ pushing from sync code
 # The same reads, plan and registration as above, sent through a ``SyncStore``.
 

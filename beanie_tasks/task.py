@@ -524,14 +524,17 @@ class Task(Document):
         outcomes: dict[int, PushOutcome[Self]],
     ) -> None:
         task_store = cls.task_store()
+        prepared = await dependencies.prepare_pushes(
+            task_store, cls.__name__, [(drafts[p].links, drafts[p].document) for p in positions]
+        )
         plans: dict[int, dependencies.PushPlan | None] = {}
-        for position in positions:
-            draft = drafts[position]
-            try:
-                plans[position] = await dependencies.prepare_push(task_store, cls.__name__, draft.links, draft.document)
-            except PushError as exc:
-                outcomes[position] = rejected(batch[position], str(exc))
+        for position, plan in zip(positions, prepared, strict=True):
+            if isinstance(plan, PushError):
+                outcomes[position] = rejected(batch[position], str(plan))
+            else:
+                plans[position] = plan
         sending = list(plans)
+        in_chunk = {drafts[position].checked.id: position for position in sending}
         try:
             report = await task_store.insert_many([drafts[position].document for position in sending])
         except PyMongoError as exc:
@@ -539,6 +542,7 @@ class Task(Document):
                 f"could not push {len(sending)} {cls.__name__} task(s): {redact_text(describe_error(exc) or '')}. "
                 "They may or may not be stored; calling push_many() again with them is safe (each reuses its id)"
             ) from exc
+        registering: list[tuple[dependencies.PushPlan, Any]] = []
         for index, position in enumerate(sending):
             task, draft = batch[position], drafts[position]
             if index in report.twins:
@@ -551,11 +555,13 @@ class Task(Document):
             else:
                 task.adopt_push(draft)
                 plan = plans[position]
-                if plan is not None and await plan.register(draft.checked.id):
-                    current = await task_store.find_by_id(draft.checked.id, {"state": 1, "run_at": 1, "error": 1})
-                    if current is not None:
-                        task._adopt(current)
+                if plan is not None:
+                    registering.append((plan, draft.checked.id))
                 outcomes[position] = PushOutcome(task, PushStatus.PUSHED, stored=task)
+        for task_id in await dependencies.register_many(task_store, registering):
+            current = await task_store.find_by_id(task_id, {"state": 1, "run_at": 1, "error": 1})
+            if current is not None:
+                batch[in_chunk[task_id]]._adopt(current)
 
     # ------------------------------------------------------------ from sync code
 

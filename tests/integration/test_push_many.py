@@ -9,6 +9,7 @@ from beanie import Link
 from bson import ObjectId
 
 from beanie_tasks import DependencyType, PushOutcome, PushStatus, State, Task, depends_on
+from beanie_tasks.store import Store
 from beanie_tasks.task import FAR_FUTURE
 from tests.conftest import Backend
 
@@ -206,3 +207,42 @@ async def test_dedupe_keys_are_per_partition() -> None:
     missing.tenant = ""
     [refused] = await Tenanted.push_many([missing])
     assert refused.status is PushStatus.REJECTED and "partition_by" in (refused.error or "")
+
+
+@pytest.mark.wire
+async def test_links_cost_one_read_and_one_registration_per_chunk(backend: Backend) -> None:
+    parents = [await Resize(src=f"{i}.png").push() for i in range(5)]
+    children = [Publish(resize=parents[i % 5]) for i in range(50)]  # type: ignore[arg-type]
+    backend.counter.reset()
+    outcomes = await Publish.push_many(children)
+    assert backend.counter.by_name() == {"find": 1, "insert": 1, "update": 1}
+    assert all(o.pushed for o in outcomes) and all(c.run_at == FAR_FUTURE for c in children)
+    for _ in parents:
+        claimed = await Resize.pop()
+        assert claimed is not None
+        await claimed.finish()
+    assert await Publish.find({"run_at": {"$lt": FAR_FUTURE}}).count() == 50
+
+
+async def test_a_dependency_that_ends_before_registration_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race push() handles: the dependency ends between the read and the registration."""
+    racing, steady = await Resize(src="race.png").push(), await Resize(src="steady.png").push()
+    original = Store.states_of
+    reads = 0
+
+    async def finish_after_first_read(self: Store, name: str, ids: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        found = await original(self, name, ids)
+        if reads == 1:  # the read saw it CREATED; it finishes before the registration
+            await Resize.collection().update_one(
+                {"_id": racing.id}, {"$set": {"state": "FINISHED"}, "$unset": {"dedupe_slot": ""}}
+            )
+        return found
+
+    monkeypatch.setattr(Store, "states_of", finish_after_first_read)
+    first, second = Publish(resize=racing), Publish(resize=steady)  # type: ignore[arg-type]
+    outcomes = await Publish.push_many([first, second])
+    assert statuses(outcomes) == ["pushed", "pushed"]
+    assert first.run_at != FAR_FUTURE, "released at once, not left to the repair sweep"
+    assert second.run_at == FAR_FUTURE
