@@ -123,8 +123,13 @@ def record(client: Any, before: datetime, server_time: datetime | None, after: d
     return delta
 
 
+def is_stale(collection: Any) -> bool:
+    """Whether the offset of the client behind ``collection`` is unknown or older than ``RESYNC_EVERY``."""
+    known = _known(_client_of(collection))
+    return known is None or time.monotonic() - known.measured_at >= RESYNC_EVERY
+
+
 async def refresh(collection: Any) -> None:
     """Re-measure the offset when it is older than ``RESYNC_EVERY`` (no command otherwise)."""
-    known = _known(_client_of(collection))
-    if known is None or time.monotonic() - known.measured_at >= RESYNC_EVERY:
+    if is_stale(collection):
         await sync(collection)

@@ -1271,12 +1271,18 @@ class SyncStore:
                 raise
             raise conflict from exc
 
-    def server_time(self) -> datetime | None:
-        """The server's wall clock (``hello``), or None for an in-process backend."""
-        if driver.traits(self.shape.raw).in_process:
-            return None
-        value = self.shape.raw.database.command("hello").get("localTime")
-        return value if isinstance(value, datetime) else None
+    def measure_clock(self) -> None:
+        """Measure the sync client's offset from the server's clock (one ``hello``; none in process)."""
+        raw = self.shape.raw
+        before = clock.local_now()
+        value = None if driver.traits(raw).in_process else raw.database.command("hello").get("localTime")
+        clock.record(raw.database.client, before, value if isinstance(value, datetime) else None, clock.local_now())
+
+    def now(self) -> datetime:
+        """The server's time, as a push decides due times by; the offset is measured again once a minute."""
+        if clock.is_stale(self.shape.raw):
+            self.measure_clock()
+        return self.shape.now()
 
     def insert(self, document: dict[str, Any]) -> None:
         driver.check_document_size(self.shape.raw, document)

@@ -30,7 +30,7 @@ from beanie.exceptions import CollectionWasNotInitialized
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError, ServerSelectionTimeoutError
 
-from beanie_tasks import clock, driver
+from beanie_tasks import driver
 from beanie_tasks import store as storage
 from beanie_tasks.errors import NotConfigured
 from beanie_tasks.redact import redact_uri, scrub, secrets_in
@@ -78,12 +78,10 @@ def init(
                 "put one in its path (mongodb://host/DBNAME) or pass database="
             ) from None
         _set_up_models(uri, name, models, timeout, client_options, secrets)
-        before = clock.local_now()
         stores = {
             model: storage.SyncStore(model.new_store(client[name][model.get_collection_name()])) for model in models
         }
-        first = next(iter(stores.values()))
-        clock.record(client, before, first.server_time(), clock.local_now())
+        next(iter(stores.values())).measure_clock()
         for sync_store in stores.values():
             sync_store.ensure_indexes()
     except ServerSelectionTimeoutError:

@@ -580,8 +580,7 @@ class Task(Document):
         if self.id is not None:
             raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
         sync_store = storage.sync_of(type(self))
-        task_store = sync_store.shape
-        draft = self.push_draft(task_store, task_store.now(), delay=delay, run_at=run_at, task_id=task_id)
+        draft = self.push_draft(sync_store.shape, sync_store.now(), delay=delay, run_at=run_at, task_id=task_id)
         plan = dependencies.prepare_push_sync(sync_store, type(self).__name__, draft.links, draft.document)
         stored = type(self)._insert_sync(sync_store, draft.document)
         if stored is not None:

@@ -24,6 +24,7 @@ from beanie_tasks import (
     TransitionError,
     WaitTimeout,
     Worker,
+    clock,
     depends_on,
 )
 from beanie_tasks import store as storage
@@ -225,3 +226,15 @@ async def test_a_flask_app_pushes_and_a_worker_runs_it(web: Any) -> None:
     async with running(Worker([Square])):
         answer = await asyncio.to_thread(web.get, f"/squares/{task_id}")
     assert answer.status_code == 200 and answer.get_json() == {"result": 144}
+
+
+async def test_the_clock_offset_is_measured_again_once_it_is_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    sync_store = storage.sync_of(Square)
+    assert not clock.is_stale(sync_store.shape.raw), "init measured it"
+    measured: list[Any] = []
+    monkeypatch.setattr(storage.SyncStore, "measure_clock", lambda self: measured.append(self))
+    Square(n=1).push_sync()
+    assert measured == []
+    monkeypatch.setattr(clock, "RESYNC_EVERY", 0.0)
+    Square(n=2).push_sync()
+    assert measured == [sync_store]
