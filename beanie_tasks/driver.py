@@ -141,6 +141,14 @@ async def server_time(collection: Any) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
 
+def server_time_sync(collection: Any) -> datetime | None:
+    """``server_time`` through PyMongo's sync client (``beanie_tasks.sync``)."""
+    if traits(collection).in_process:
+        return None
+    value = collection.database.command("hello").get("localTime")
+    return value if isinstance(value, datetime) else None
+
+
 def check_document_size(collection: Any, document: dict[str, Any]) -> None:
     """mongomock stores documents of any size: enforce MongoDB's 16 MB limit as a server would."""
     if not traits(collection).enforces_size and len(bson.encode(document)) > MAX_DOCUMENT_BYTES:

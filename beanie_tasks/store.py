@@ -1275,8 +1275,7 @@ class SyncStore:
         """Measure the sync client's offset from the server's clock (one ``hello``; none in process)."""
         raw = self.shape.raw
         before = clock.local_now()
-        value = None if driver.traits(raw).in_process else raw.database.command("hello").get("localTime")
-        clock.record(raw.database.client, before, value if isinstance(value, datetime) else None, clock.local_now())
+        clock.record(raw.database.client, before, driver.server_time_sync(raw), clock.local_now())
 
     def now(self) -> datetime:
         """The server's time, as a push decides due times by; the offset is measured again once a minute."""
