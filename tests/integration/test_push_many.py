@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from beanie import Link
+from beanie import Indexed, Link
 from bson import ObjectId
 
 from beanie_tasks import DependencyType, PushOutcome, PushStatus, State, Task, depends_on
@@ -27,6 +27,10 @@ class Publish(Task):
     resize: Link[Resize] = depends_on(DependencyType.DIRECT)
 
 
+class Account(Task):
+    email: Indexed(str, unique=True)  # type: ignore[valid-type]  # an index of the app's own
+
+
 class Tenanted(Task):
     tenant: str
 
@@ -40,7 +44,7 @@ class Step(Task):
 
 @pytest.fixture(autouse=True)
 async def models(init_tasks: Any) -> None:
-    await init_tasks(Mail, Resize, Publish, Step, Tenanted)
+    await init_tasks(Mail, Resize, Publish, Step, Tenanted, Account)
 
 
 def statuses(outcomes: list[PushOutcome[Any]]) -> list[str]:
@@ -246,3 +250,10 @@ async def test_a_dependency_that_ends_before_registration_is_applied(monkeypatch
     assert statuses(outcomes) == ["pushed", "pushed"]
     assert first.run_at != FAR_FUTURE, "released at once, not left to the repair sweep"
     assert second.run_at == FAR_FUTURE
+
+
+async def test_a_clash_on_an_index_of_the_app_is_rejected_alone() -> None:
+    outcomes = await Account.push_many([Account(email="a@x"), Account(email="a@x"), Account(email="b@x")])
+    assert statuses(outcomes) == ["pushed", "rejected", "pushed"]
+    assert "could not push Account" in (outcomes[1].error or "") and "uplicate" in (outcomes[1].error or "")
+    assert await Account.find_all().count() == 2
