@@ -72,6 +72,18 @@ async def open_change_stream(collection: Any, pipeline: list[dict[str, Any]]) ->
     return stream
 
 
+def open_change_stream_sync(collection: Any, pipeline: list[dict[str, Any]], max_await: float) -> Any | None:
+    """A change stream through PyMongo's sync client whose ``try_next`` waits up to ``max_await`` seconds;
+    None where the server or the mock has none."""
+    watch = getattr(collection, "watch", None)
+    if watch is None or not callable(watch):
+        return None
+    try:
+        return watch(pipeline, max_await_time_ms=max(1, int(max_await * 1000)))
+    except (NotImplementedError, TypeError, AttributeError, OperationFailure):
+        return None
+
+
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
 

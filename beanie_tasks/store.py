@@ -1287,6 +1287,11 @@ class SyncStore:
         driver.check_document_size(self.shape.raw, document)
         self.collection.insert_one(document)
 
+    def watch_end(self, task_id: Any, max_await: float) -> Any | None:
+        """A change stream of the changes that can end ``task_id`` (``ENDING_CHANGES``), for ``wait_sync``."""
+        pipeline = [{"$match": {"documentKey._id": task_id}}, *ENDING_CHANGES]
+        return driver.open_change_stream_sync(self.shape.raw, pipeline, max_await)
+
     def find_by_id(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         found: dict[str, Any] | None = self.collection.find_one({"_id": task_id}, projection)
         return found

@@ -614,26 +614,46 @@ class Task(Document):
         raise dedupe_churn(cls.__name__, key)
 
     def wait_sync(self, timeout: float | timedelta | None = None, *, poll_interval: float = 0.5) -> Self:
-        """``wait()`` for code without an event loop: polls, backing off up to ``poll_interval``.
+        """``wait()`` for code without an event loop.
 
-        Returns the FINISHED task freshly read; raises TaskFailed or WaitTimeout as ``wait()`` does.
+        Returns the FINISHED task freshly read; raises TaskFailed or WaitTimeout as ``wait()``
+        does. A change stream on this task wakes it where the server has one (the task is
+        read again at least every ``poll_interval`` all the same); otherwise it polls,
+        backing off up to ``poll_interval``.
         """
         if self.id is None:
             raise TransitionError(f"cannot wait for a {type(self).__name__} that was never pushed")
         sync_store = storage.sync_of(type(self))
         limit = as_delay(timeout).total_seconds() if timeout is not None else None
         deadline = time.monotonic() + limit if limit is not None else None
+        stream = sync_store.watch_end(self.id, poll_interval if limit is None else min(poll_interval, limit))
         pause = 0.0
-        while True:
-            document = sync_store.find_by_id(self.id)
-            ended = self._ended(document)
-            if ended is not None:
-                return ended
-            remaining = deadline - time.monotonic() if deadline is not None else None
-            if remaining is not None and remaining <= 0:
-                raise self._still_waiting(document, limit or 0.0)
-            pause = min(max(pause * 2, 0.05), poll_interval)
-            time.sleep(pause if remaining is None else min(pause, remaining))
+        try:
+            while True:
+                document = sync_store.find_by_id(self.id)
+                ended = self._ended(document)
+                if ended is not None:
+                    return ended
+                remaining = deadline - time.monotonic() if deadline is not None else None
+                if remaining is not None and remaining <= 0:
+                    raise self._still_waiting(document, limit or 0.0)
+                if stream is not None:
+                    started = time.monotonic()
+                    try:
+                        # Returns at a change, or after the stream's longest wait; one that returns
+                        # at once with nothing would spin, so it backs off as polling does.
+                        if stream.try_next() is not None or time.monotonic() - started >= 0.01:
+                            continue
+                    except PyMongoError:
+                        with contextlib.suppress(PyMongoError):
+                            stream.close()
+                        stream = None  # poll from now on
+                pause = min(max(pause * 2, 0.05), poll_interval)
+                time.sleep(pause if remaining is None else min(pause, remaining))
+        finally:
+            if stream is not None:
+                with contextlib.suppress(PyMongoError):
+                    stream.close()
 
     @classmethod
     async def _insert(cls, task_store: Store, document: dict[str, Any]) -> Self | None:

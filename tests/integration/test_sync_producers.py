@@ -238,3 +238,30 @@ async def test_the_clock_offset_is_measured_again_once_it_is_stale(monkeypatch: 
     monkeypatch.setattr(clock, "RESYNC_EVERY", 0.0)
     Square(n=2).push_sync()
     assert measured == [sync_store]
+
+
+async def test_wait_sync_is_woken_by_a_change_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = Square(n=5).push_sync()
+    reads = 0
+    original = storage.SyncStore.find_by_id
+
+    def counted(self: storage.SyncStore, *args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(storage.SyncStore, "find_by_id", counted)
+
+    async def finish_soon() -> None:
+        await asyncio.sleep(1.0)
+        claimed = await Square.pop()
+        assert claimed is not None
+        await claimed.finish(25)
+
+    finisher = asyncio.create_task(finish_soon())
+    # A long poll interval: polling would read the task some six times in the first second;
+    # woken by the change stream, it reads it once, then once more after the finish.
+    done = await asyncio.to_thread(task.wait_sync, 60, poll_interval=30)
+    await finisher
+    assert done.result == 25
+    assert reads <= 3, f"{reads} reads: the waiter polled instead of watching"
