@@ -7,6 +7,7 @@ from beanie_tasks.batch import Acknowledgement, claim_batch, finish_batch
 from beanie_tasks.dependencies import OnFailure, depends_on
 from beanie_tasks.errors import LeaseLost, PushError, TaskCancelled, TaskError, TaskFailed, TransitionError, WaitTimeout
 from beanie_tasks.options import RateLimit, TaskOptions
+from beanie_tasks.producing import PushOutcome, PushStatus
 from beanie_tasks.retry import Backoff
 from beanie_tasks.schedule import Schedule, ScheduleError, run_schedules
 from beanie_tasks.states import DependencyType, Priority, State
@@ -22,6 +23,8 @@ __all__ = [
     "OnFailure",
     "Priority",
     "PushError",
+    "PushOutcome",
+    "PushStatus",
     "RateLimit",
     "RequeueReport",
     "Schedule",

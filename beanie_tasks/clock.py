@@ -95,10 +95,16 @@ def utcnow() -> datetime:
 
 async def sync(collection: Any) -> timedelta:
     """Measure the client's offset from the server now; warn when it is large."""
-    client = _client_of(collection)
     before = local_now()
     server_time = await driver.server_time(collection)
-    after = local_now()
+    return record(_client_of(collection), before, server_time, local_now())
+
+
+def record(client: Any, before: datetime, server_time: datetime | None, after: datetime) -> timedelta:
+    """Keep the offset of ``client`` from a ``server_time`` read between ``before`` and ``after``; warn when large.
+
+    ``sync`` measures it for async clients; ``beanie_tasks.sync`` for its PyMongo client.
+    """
     if server_time is None:  # an in-process backend: its clock is this host's
         delta = timedelta(0)
     else:
@@ -117,8 +123,13 @@ async def sync(collection: Any) -> timedelta:
     return delta
 
 
+def is_stale(collection: Any) -> bool:
+    """Whether the offset of the client behind ``collection`` is unknown or older than ``RESYNC_EVERY``."""
+    known = _known(_client_of(collection))
+    return known is None or time.monotonic() - known.measured_at >= RESYNC_EVERY
+
+
 async def refresh(collection: Any) -> None:
     """Re-measure the offset when it is older than ``RESYNC_EVERY`` (no command otherwise)."""
-    known = _known(_client_of(collection))
-    if known is None or time.monotonic() - known.measured_at >= RESYNC_EVERY:
+    if is_stale(collection):
         await sync(collection)

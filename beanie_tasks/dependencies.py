@@ -35,7 +35,7 @@ from beanie_tasks import clock, store
 from beanie_tasks.errors import PushError
 from beanie_tasks.redact import get_logger
 from beanie_tasks.states import DependencyType, State, state_value
-from beanie_tasks.store import Ended, Store
+from beanie_tasks.store import Ended, Store, SyncStore
 
 log = get_logger("beanie_tasks")
 
@@ -225,14 +225,21 @@ def mark_of(ended: Ended) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ telling dependents
 
 
+def decision(snapshot: Mapping[str, Any]) -> Verdict | None:
+    """The verdict on a dependent that was just told something (None: it no longer waits)."""
+    if not snapshot.get("dep_blocked") or snapshot.get("state") != State.CREATED.value:
+        return None
+    return verdict(snapshot.get("dep_links") or {})
+
+
 async def _decide(collection: Any, snapshot: Mapping[str, Any]) -> Ended | None:
     """Release or fail a parked dependent whose counters decide it (repeatable).
 
     Returns the dependent itself when it was failed and has dependents of its own.
     """
-    if not snapshot.get("dep_blocked") or snapshot.get("state") != State.CREATED.value:
+    outcome = decision(snapshot)
+    if outcome is None:
         return None
-    outcome = verdict(snapshot.get("dep_links") or {})
     if outcome.ready:
         await store.release_parked(collection, snapshot, snapshot.get("dep_run_at") or clock.now(collection))
         return None
@@ -348,6 +355,11 @@ def _references(value: Any, owner: str, name: str) -> list[DBRef]:
     raise PushError(f"{owner}.{name} is a dependency field but holds {type(value).__name__}, not a Link")
 
 
+def linked_ids(owner: str, links: Sequence[LinkField], document: Mapping[str, Any]) -> set[Any]:
+    """The ids of every task a stored form links through its dependency fields."""
+    return {ref.id for link in links for ref in _references(document.get(link.name), owner, link.name)}
+
+
 @dataclass
 class PushPlan:
     """What a push of a dependent still has to do after its insert."""
@@ -387,17 +399,17 @@ class PushPlan:
         return touched
 
 
-async def prepare_push(
-    owner: Store, owner_name: str, links: Sequence[LinkField], document: dict[str, Any]
-) -> PushPlan | None:
-    """Read the linked tasks' states and set the new document's readiness; None without links.
+@dataclass
+class LinkRequest:
+    """What a dependent's push must read: the linked ids, per collection, and the fields naming each."""
 
-    A link to a task that does not exist (never pushed, or deleted), or more than
-    ``MAX_LINKS_PER_TASK`` links, raises PushError before anything is written. A
-    dependent that is not ready yet is parked.
-    """
-    if not links:
-        return None
+    summary: dict[str, dict[str, Any]]  # the dependent's future ``dep_links``
+    fields_of: dict[Any, list[str]]  # dependency id -> link fields naming it
+    by_collection: dict[str, list[Any]]  # collection name -> dependency ids
+
+
+def link_request(owner_name: str, links: Sequence[LinkField], document: Mapping[str, Any]) -> LinkRequest:
+    """The reads a dependent's push needs (pure); raises PushError on a bad link, before anything is sent."""
     summary: dict[str, dict[str, Any]] = {}
     fields_of: dict[Any, list[str]] = {}
     collection_of: dict[Any, str] = {}
@@ -430,13 +442,29 @@ async def prepare_push(
     by_collection: dict[str, list[Any]] = {}
     for dependency_id, name in collection_of.items():
         by_collection.setdefault(name, []).append(dependency_id)
+    return LinkRequest(summary, fields_of, by_collection)
+
+
+def plan_push(
+    owner: Store,
+    owner_name: str,
+    request: LinkRequest,
+    states: Mapping[str, Mapping[Any, Mapping[str, Any]]],
+    document: dict[str, Any],
+) -> PushPlan:
+    """Set the new document's readiness from its links' ``states`` (pure): ready, parked, or failed at once.
+
+    ``states`` holds, per collection, what ``Store.states_of`` read. A link to a task
+    that does not exist raises PushError.
+    """
+    summary = request.summary
     pending: dict[str, list[Any]] = {}
     wait: list[dict[str, Any]] = []
-    for name, ids in by_collection.items():
-        states = await owner.states_of(name, ids)
+    for name, ids in request.by_collection.items():
+        found = states.get(name, {})
         for dependency_id in ids:
-            fields = fields_of[dependency_id]
-            row = states.get(dependency_id)
+            fields = request.fields_of[dependency_id]
+            row = found.get(dependency_id)
             if row is None:
                 raise PushError(
                     f"{owner_name}.{fields[0]} links {name} {dependency_id}, "
@@ -473,7 +501,145 @@ async def prepare_push(
         document["run_at"] = clock.FAR_FUTURE
         document["dep_blocked"] = True
         document["dep_wait"] = wait
-    return PushPlan(owner, pending, fields_of, outcome)
+    return PushPlan(owner, pending, request.fields_of, outcome)
+
+
+async def prepare_push(
+    owner: Store, owner_name: str, links: Sequence[LinkField], document: dict[str, Any]
+) -> PushPlan | None:
+    """Read the linked tasks' states and set the new document's readiness; None without links.
+
+    A link to a task that does not exist (never pushed, or deleted), or more than
+    ``MAX_LINKS_PER_TASK`` links, raises PushError before anything is written. A
+    dependent that is not ready yet is parked.
+    """
+    if not links:
+        return None
+    request = link_request(owner_name, links, document)
+    states = {name: await owner.states_of(name, ids) for name, ids in request.by_collection.items()}
+    return plan_push(owner, owner_name, request, states, document)
+
+
+# ------------------------------------------------------------------ pushing in bulk
+# ``push_many`` pays for links per chunk, not per dependent: one read per linked
+# collection before the insert, one registration per linked collection after it.
+
+# Dependency ids per read or registration command (a chunk of dependents may link many).
+IDS_PER_COMMAND = 10_000
+
+
+def pages(ids: Sequence[Any]) -> list[list[Any]]:
+    return [list(ids[start : start + IDS_PER_COMMAND]) for start in range(0, len(ids), IDS_PER_COMMAND)]
+
+
+async def prepare_pushes(
+    owner: Store, owner_name: str, drafts: Sequence[tuple[Sequence[LinkField], dict[str, Any]]]
+) -> list[PushPlan | PushError | None]:
+    """``prepare_push`` for many dependents of one class, with one read per linked collection for them all.
+
+    One entry per draft: its plan, None without links, or the PushError that rejects it.
+    """
+    requests: list[LinkRequest | PushError | None] = []
+    wanted: dict[str, dict[Any, None]] = {}
+    for links, document in drafts:
+        if not links:
+            requests.append(None)
+            continue
+        try:
+            request = link_request(owner_name, links, document)
+        except PushError as exc:
+            requests.append(exc)
+            continue
+        requests.append(request)
+        for name, ids in request.by_collection.items():
+            wanted.setdefault(name, {}).update(dict.fromkeys(ids))
+    states: dict[str, dict[Any, dict[str, Any]]] = {}
+    for name, unique in wanted.items():
+        for page in pages(list(unique)):
+            states.setdefault(name, {}).update(await owner.states_of(name, page))
+    plans: list[PushPlan | PushError | None] = []
+    for entry, (_, document) in zip(requests, drafts, strict=True):
+        if not isinstance(entry, LinkRequest):
+            plans.append(entry)
+            continue
+        try:
+            plans.append(plan_push(owner, owner_name, entry, states, document))
+        except PushError as exc:
+            plans.append(exc)
+    return plans
+
+
+async def register_many(owner: Store, plans: Sequence[tuple[PushPlan, Any]]) -> set[Any]:
+    """``PushPlan.register`` for many stored dependents: one ``update_many`` per linked collection.
+
+    A collection where fewer dependencies matched than were named (one ended in
+    between) falls back to each of its dependents' own ``register``, which applies what
+    ended. Returns the ids of the dependents whose state may have changed.
+    """
+    waiting = [(plan, task_id) for plan, task_id in plans if plan.outcome is WAITING]
+    linked: dict[str, dict[Any, None]] = {}
+    for plan, _ in waiting:
+        for name, pending in plan.pending.items():
+            linked.setdefault(name, {}).update(dict.fromkeys(pending))
+    short: set[str] = set()
+    for name, unique in linked.items():
+        for page in pages(list(unique)):
+            if await owner.register_dependent(name, page) < len(page):
+                short.add(name)
+    touched: set[Any] = set()
+    for plan, task_id in waiting:
+        if short & plan.pending.keys() and await plan.register(task_id):
+            touched.add(task_id)
+    return touched
+
+
+# ------------------------------------------------------------------ pushing from sync code
+# The same reads, plan and registration as above, sent through a ``SyncStore``.
+
+
+def prepare_push_sync(
+    owner: SyncStore, owner_name: str, links: Sequence[LinkField], document: dict[str, Any]
+) -> PushPlan | None:
+    """``prepare_push`` for a sync producer."""
+    if not links:
+        return None
+    request = link_request(owner_name, links, document)
+    states = {name: owner.states_of(name, ids) for name, ids in request.by_collection.items()}
+    return plan_push(owner.shape, owner_name, request, states, document)
+
+
+def register_sync(plan: PushPlan, owner: SyncStore, task_id: Any) -> bool:
+    """``PushPlan.register`` for a sync producer: returns whether the dependent's state may have changed.
+
+    A dependency that ended between the push's read and the registration is applied
+    here; should that fail the new task while something already waits for it (it was
+    linked within that instant), its own dependents are told by the repair sweep.
+    """
+    if plan.outcome is not WAITING:
+        return False
+    touched = False
+    for name, ids in plan.pending.items():
+        if owner.register_dependent(name, ids) == len(ids):
+            continue
+        states = owner.states_of(name, ids)
+        for dependency_id in ids:
+            row = states.get(dependency_id)
+            state = DELETED if row is None else state_value(row.get("state"))
+            if state in store.IN_FLIGHT:
+                continue
+            touched = True
+            ended = Ended(owner.shape.raw.database[name], dependency_id, state, (row or {}).get("error"))
+            snapshot = owner.tell(task_id, dependency_id, plan.fields_of[dependency_id], mark_of(ended))
+            outcome = decision(snapshot) if snapshot is not None else None
+            if snapshot is None or outcome is None:
+                continue
+            if outcome.ready:
+                owner.release_parked(snapshot, snapshot.get("dep_run_at") or owner.shape.now())
+            elif outcome.failure is not None:
+                failed = owner.fail_parked(snapshot, outcome.failure, snapshot.get("dep_ttl"))
+                if failed is not None and failed.get("dependents_pending"):
+                    log.warning("%s %s failed: its dependents are told by the repair sweep", owner.shape.name, task_id)
+    return touched
 
 
 # ------------------------------------------------------------------ requeueing

@@ -6,6 +6,7 @@ up the backend's ``Traits`` once per collection type.
 
 from __future__ import annotations
 
+import ast
 import inspect
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,7 @@ import beanie
 import bson
 from beanie import Document
 from pymongo import ReadPreference, UpdateOne
-from pymongo.errors import DocumentTooLarge, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DocumentTooLarge, OperationFailure, PyMongoError
 
 from beanie_tasks.redact import scrub, secrets_in
 
@@ -69,6 +70,18 @@ async def open_change_stream(collection: Any, pipeline: list[dict[str, Any]]) ->
     except (NotImplementedError, TypeError, AttributeError, OperationFailure):
         return None
     return stream
+
+
+def open_change_stream_sync(collection: Any, pipeline: list[dict[str, Any]], max_await: float) -> Any | None:
+    """A change stream through PyMongo's sync client whose ``try_next`` waits up to ``max_await`` seconds;
+    None where the server or the mock has none."""
+    watch = getattr(collection, "watch", None)
+    if watch is None or not callable(watch):
+        return None
+    try:
+        return watch(pipeline, max_await_time_ms=max(1, int(max_await * 1000)))
+    except (NotImplementedError, TypeError, AttributeError, OperationFailure):
+        return None
 
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
@@ -137,6 +150,14 @@ async def server_time(collection: Any) -> datetime | None:
         return None
     reply = await collection.database.command("hello")
     value = reply.get("localTime")
+    return value if isinstance(value, datetime) else None
+
+
+def server_time_sync(collection: Any) -> datetime | None:
+    """``server_time`` through PyMongo's sync client (``beanie_tasks.sync``)."""
+    if traits(collection).in_process:
+        return None
+    value = collection.database.command("hello").get("localTime")
     return value if isinstance(value, datetime) else None
 
 
@@ -215,3 +236,56 @@ async def remove_fields_after_pipeline(collection: Any, selector: dict[str, Any]
     """mongomock treats ``"$$REMOVE"`` as a no-op on an existing field: drop those fields by hand there."""
     if not traits(collection).removes_in_pipeline:
         await collection.update_many(selector, {"$unset": dict.fromkeys(fields, "")})
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    """One document an ``insert_many`` refused: its position, the server's code and message."""
+
+    index: int
+    code: int | None
+    message: str
+    key_fields: tuple[str, ...] = ()  # for a duplicate key: the fields of the unique index it clashed on
+
+
+def _key_fields(error: dict[str, Any], mock: bool) -> tuple[str, ...]:
+    pattern = error.get("keyPattern")
+    if isinstance(pattern, dict):
+        return tuple(pattern)
+    if not mock or error.get("code") != 11000:
+        return ()
+    # mongomock names the clashing index only inside its message, and an ``_id`` clash not at all.
+    message = str(error.get("errmsg", ""))
+    _, found, details = message.partition("full error: ")
+    if not found:
+        return ("_id",)
+    try:
+        parsed = ast.literal_eval(details)
+    except (ValueError, SyntaxError):
+        return ()
+    pattern = parsed.get("keyPattern") if isinstance(parsed, dict) else None
+    return tuple(pattern) if isinstance(pattern, dict) else ()
+
+
+async def insert_many(collection: Any, documents: list[dict[str, Any]]) -> list[WriteFailure]:
+    """One unordered ``insert_many``: every document it can store is stored; returns those refused.
+
+    A write concern error is raised: then nobody knows which documents are durable.
+    """
+    try:
+        await collection.insert_many(documents, ordered=False)
+    except BulkWriteError as exc:
+        details = exc.details or {}
+        if details.get("writeConcernErrors"):
+            raise
+        mock = traits(collection).in_process
+        return [
+            WriteFailure(int(error["index"]), error.get("code"), str(error.get("errmsg", "")), _key_fields(error, mock))
+            for error in details.get("writeErrors", [])
+        ]
+    return []
+
+
+def oversized(documents: list[dict[str, Any]]) -> set[int]:
+    """Positions of documents over MongoDB's 16 MB limit (checked by encoding them: only after a refusal)."""
+    return {index for index, document in enumerate(documents) if len(bson.encode(document)) > MAX_DOCUMENT_BYTES}

@@ -51,3 +51,7 @@ class ModelNotInitialized(TaskError):
 
 class HookError(TaskError):
     """A worker's startup hook raised; the worker did not start."""
+
+
+class NotConfigured(TaskError):
+    """``beanie_tasks.sync`` was used before ``init()``, or ``init()`` was given settings it cannot use."""

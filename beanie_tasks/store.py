@@ -67,16 +67,16 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from bson.errors import InvalidBSON
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import DocumentTooLarge, DuplicateKeyError, OperationFailure, PyMongoError, WriteError
 
 from beanie_tasks import clock, driver
-from beanie_tasks.errors import NotRegistered
+from beanie_tasks.errors import NotConfigured, NotRegistered
 from beanie_tasks.limits import CANDIDATES_PER_ROUND, LIMITED_ROUNDS, LIMITS_COLLECTION, Grant, KeyBlocks, LimitPolicy
 from beanie_tasks.options import RateLimit, TaskOptions
 from beanie_tasks.redact import get_logger
@@ -96,6 +96,9 @@ PAGE = 500
 # A batch claim that lost every candidate to other consumers looks again this many times.
 CLAIM_ROUNDS = 3
 MAX_BATCH = 1000
+DUPLICATE_KEY = 11000
+# A push whose dedupe key is freed and taken again between its tries gives up after this many.
+DEDUPE_ROUNDS = 5
 
 
 # Server error codes that name the document a write was for, not the server or the command:
@@ -109,6 +112,20 @@ UNDECODABLE = "__beanie_tasks_undecodable__"
 
 def undecodable(task_id: Any, token: str, error: Exception) -> dict[str, Any]:
     return {"_id": task_id, "lease_token": token, UNDECODABLE: f"{type(error).__name__}: {error}"[:300]}
+
+
+@dataclass
+class BulkInsert:
+    """What ``Store.insert_many`` did, by position in the documents given; any other position was stored."""
+
+    twins: dict[int, dict[str, Any]] = field(default_factory=dict)  # dedupe clash: the in-flight twin
+    refused: dict[int, PyMongoError | DocumentTooLarge] = field(default_factory=dict)  # the driver's or server's no
+    churned: list[int] = field(default_factory=list)  # the dedupe key kept changing hands: not stored
+
+
+def names_dedupe_slot(details: Any) -> bool:
+    """Whether a duplicate-key error is the dedupe index's (not ``_id``'s or a unique index of the app's)."""
+    return "dedupe_slot" in str(details)
 
 
 @dataclass(frozen=True)
@@ -209,18 +226,25 @@ class Store:
             ),
         ]
 
+    def index_conflict(self, error: OperationFailure) -> NotRegistered | None:
+        """A clear error when creating the indexes failed on an index of another shape (None: another failure)."""
+        if error.code not in (85, 86):  # IndexOptionsConflict, IndexKeySpecsConflict
+            return None
+        return NotRegistered(
+            f"{self.name}: collection {self.raw.name!r} has a queue index with other keys than this class "
+            f"needs ({error.details.get('errmsg') if error.details else error}); several classes sharing a collection "
+            "must agree on partition_by, and an index left by an older layout must be dropped once"
+        )
+
     async def ensure_indexes(self) -> None:
         """Create the indexes (idempotent); a conflicting older index is a clear error, not a crash."""
         try:
             await self.raw.create_indexes(self.index_models())
         except OperationFailure as exc:
-            if exc.code not in (85, 86):  # IndexOptionsConflict, IndexKeySpecsConflict
+            conflict = self.index_conflict(exc)
+            if conflict is None:
                 raise
-            raise NotRegistered(
-                f"{self.name}: collection {self.raw.name!r} has a queue index with other keys than this class "
-                f"needs ({exc.details.get('errmsg') if exc.details else exc}); several classes sharing a collection "
-                "must agree on partition_by, and an index left by an older layout must be dropped once"
-            ) from exc
+            raise conflict from exc
         if self.limits.active:
             limits = self.raw.database[LIMITS_COLLECTION]
             await limits.create_indexes(
@@ -248,15 +272,78 @@ class Store:
         driver.check_document_size(self.raw, document)
         await self.collection.insert_one(document)
 
+    async def insert_many(self, documents: Sequence[dict[str, Any]]) -> BulkInsert:
+        """Insert with one unordered ``insert_many``, plus one ``find`` per round of dedupe clashes.
+
+        A clash on the dedupe index finds the in-flight twin; one whose twin ended in
+        between is tried again. An ``_id`` clash is an earlier attempt of the same push
+        that landed: stored. Anything else the server refuses is reported, not raised.
+        """
+        report = BulkInsert()
+        pending = list(range(len(documents)))
+        for _ in range(DEDUPE_ROUNDS):
+            for position in list(pending):
+                try:
+                    driver.check_document_size(self.raw, documents[position])
+                except DocumentTooLarge as exc:
+                    report.refused[position] = exc
+                    pending.remove(position)
+            batch = [documents[position] for position in pending]
+            if not batch:
+                return report
+            try:
+                failures = await driver.insert_many(self.collection, batch)
+            except DocumentTooLarge:
+                # The driver refuses a document over the limit before sending it: set those aside and
+                # send the rest again (those already stored clash on ``_id``, which counts as stored).
+                for index in driver.oversized(batch):
+                    report.refused[pending[index]] = DocumentTooLarge("document over MongoDB's 16 MB limit")
+                pending = [position for position in pending if position not in report.refused]
+                continue
+            clashes: dict[int, Any] = {}
+            for failure in failures:
+                position = pending[failure.index]
+                if failure.code == DUPLICATE_KEY and "dedupe_slot" in failure.key_fields:
+                    clashes[position] = documents[position]["dedupe_slot"]
+                elif failure.code != DUPLICATE_KEY or failure.key_fields != ("_id",):
+                    report.refused[position] = WriteError(failure.message, failure.code, {"errmsg": failure.message})
+            pending = []
+            if clashes:
+                twins = await self.find_dedupe_twins([documents[p] for p in clashes])
+                for position, key in clashes.items():
+                    twin = twins.get((self.partition_of(documents[position]), key))
+                    if twin is not None:
+                        report.twins[position] = twin
+                    else:
+                        pending.append(position)  # the twin ended between the clash and the read
+            if not pending:
+                return report
+        report.churned.extend(pending)
+        return report
+
+    def partition_of(self, document: Mapping[str, Any]) -> Any:
+        return document.get(self.partition_field) if self.partition_field is not None else None
+
+    async def find_dedupe_twins(self, documents: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any]]:
+        """The in-flight tasks holding these documents' dedupe keys, by (partition value, key): one ``find``."""
+        selector = self.scope() | {"dedupe_slot": {"$in": sorted({str(d["dedupe_slot"]) for d in documents})}}
+        if self.partition_field is not None:
+            selector[self.partition_field] = {"$in": list(dict.fromkeys(map(self.partition_of, documents)))}
+        return {(self.partition_of(row), row["dedupe_slot"]): row async for row in self.collection.find(selector)}
+
     async def find_by_id(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         found: dict[str, Any] | None = await self.collection.find_one({"_id": task_id}, projection)
         return found
 
-    async def find_dedupe_twin(self, key: str, partition: Any = None) -> dict[str, Any] | None:
+    def dedupe_twin_filter(self, key: str, partition: Any = None) -> dict[str, Any]:
+        """The in-flight task of this class holding dedupe ``key`` (in ``partition``, for a partitioned class)."""
         selector = self.scope() | {"dedupe_slot": key}
         if self.partition_field is not None:
             selector[self.partition_field] = partition
-        found: dict[str, Any] | None = await self.collection.find_one(selector)
+        return selector
+
+    async def find_dedupe_twin(self, key: str, partition: Any = None) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await self.collection.find_one(self.dedupe_twin_filter(key, partition))
         return found
 
     # ------------------------------------------------------------- claim
@@ -950,16 +1037,19 @@ class Store:
 
     async def states_of(self, collection_name: str, ids: Sequence[Any]) -> dict[Any, dict[str, Any]]:
         """State, error and dependents of the given tasks in one collection (missing ids are absent)."""
-        projection = {"state": 1, "error": 1, **ENDED_PROJECTION}
-        cursor = self.collection_named(collection_name).find({"_id": {"$in": list(ids)}}, projection)
+        cursor = self.collection_named(collection_name).find(*states_query(ids))
         return {row["_id"]: row async for row in cursor}
 
-    async def register_dependent(self, collection_name: str, ids: Sequence[Any]) -> int:
-        """Tell in-flight dependencies that a dependent in this collection waits; returns how many matched."""
-        result = await self.collection_named(collection_name).update_many(
+    def registration(self, ids: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The filter and update telling in-flight dependencies that a dependent of this class waits."""
+        return (
             {"_id": {"$in": list(ids)}, "state": {"$in": IN_FLIGHT}},
             {"$addToSet": {"dependents_in": self.raw.name}, "$set": {"dependents_pending": True}},
         )
+
+    async def register_dependent(self, collection_name: str, ids: Sequence[Any]) -> int:
+        """Tell in-flight dependencies that a dependent in this collection waits; returns how many matched."""
+        result = await self.collection_named(collection_name).update_many(*self.registration(ids))
         return int(result.matched_count)
 
     async def pending_dependencies(self, limit: int) -> list[dict[str, Any]]:
@@ -985,6 +1075,11 @@ class Store:
     @reconcile_after.setter
     def reconcile_after(self, value: Any) -> None:
         self._reconcile_after = value
+
+
+def states_query(ids: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The filter and projection reading the state, error and dependents of the given tasks."""
+    return {"_id": {"$in": list(ids)}}, {"state": 1, "error": 1, **ENDED_PROJECTION}
 
 
 # ------------------------------------------------------------------ across collections
@@ -1018,6 +1113,24 @@ async def waiting_dependents(collection: Any, dependency_id: Any, after: Any, li
     return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
 
 
+def tell_command(
+    dependent_id: Any,
+    dependency_id: Any,
+    fields: Sequence[str],
+    mark: dict[str, Any] | None,
+    found: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The filter and update of ``tell``: guarded by the dependency's entry in ``dep_wait``, which it removes."""
+    target = "ok" if mark is None else "bad"
+    update: dict[str, Any] = {
+        "$pull": {"dep_wait": {"i": dependency_id}},
+        "$inc": {f"dep_links.{name}.{target}": 1 for name in fields},
+    }
+    if mark is not None:
+        update["$set"] = {f"dep_links.{name}.cause": mark for name in fields}
+    return dependent_key(dependent_id, found) | {"dep_wait.i": dependency_id}, update
+
+
 async def tell(
     collection: Any,
     dependent_id: Any,
@@ -1031,17 +1144,9 @@ async def tell(
     Guarded by the dependency's entry in ``dep_wait``, which the same write removes: a
     repeat changes nothing and reads the summary instead. None: the dependent is gone.
     """
-    target = "ok" if mark is None else "bad"
-    update: dict[str, Any] = {
-        "$pull": {"dep_wait": {"i": dependency_id}},
-        "$inc": {f"dep_links.{name}.{target}": 1 for name in fields},
-    }
-    if mark is not None:
-        update["$set"] = {f"dep_links.{name}.cause": mark for name in fields}
     pinned = driver.primary(collection)
     snapshot: dict[str, Any] | None = await pinned.find_one_and_update(
-        dependent_key(dependent_id, found) | {"dep_wait.i": dependency_id},
-        update,
+        *tell_command(dependent_id, dependency_id, fields, mark, found),
         projection=DEPENDENT_PROJECTION,
         return_document=ReturnDocument.AFTER,
     )
@@ -1050,19 +1155,21 @@ async def tell(
     return snapshot
 
 
-async def release_parked(collection: Any, snapshot: Mapping[str, Any], run_at: Any) -> bool:
-    result = await driver.primary(collection).update_one(
+def release_command(snapshot: Mapping[str, Any], run_at: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    return (
         dependent_key(snapshot["_id"], snapshot) | {"state": State.CREATED.value, "dep_blocked": True},
         {"$set": {"run_at": run_at}, "$unset": {"dep_blocked": "", "dep_wait": ""}},
     )
+
+
+async def release_parked(collection: Any, snapshot: Mapping[str, Any], run_at: Any) -> bool:
+    result = await driver.primary(collection).update_one(*release_command(snapshot, run_at))
     return bool(result.modified_count)
 
 
-async def fail_parked(
-    collection: Any, snapshot: Mapping[str, Any], reason: str, ttl: float | None
-) -> dict[str, Any] | None:
-    """Fail a parked dependent whose links failed; returns what says whether its own dependents wait."""
-    now = clock.now(collection)
+def fail_command(
+    snapshot: Mapping[str, Any], reason: str, ttl: float | None, now: datetime
+) -> tuple[dict[str, Any], dict[str, Any]]:
     fields = {
         "state": State.FAILED.value,
         "finished_at": now,
@@ -1071,9 +1178,18 @@ async def fail_parked(
         "error": reason,
         "dep_failed": True,
     }
-    found: dict[str, Any] | None = await driver.primary(collection).find_one_and_update(
+    return (
         dependent_key(snapshot["_id"], snapshot) | {"state": State.CREATED.value, "dep_blocked": True},
         {"$set": fields, "$unset": {"dep_blocked": "", "dedupe_slot": "", "dep_wait": ""}},
+    )
+
+
+async def fail_parked(
+    collection: Any, snapshot: Mapping[str, Any], reason: str, ttl: float | None
+) -> dict[str, Any] | None:
+    """Fail a parked dependent whose links failed; returns what says whether its own dependents wait."""
+    found: dict[str, Any] | None = await driver.primary(collection).find_one_and_update(
+        *fail_command(snapshot, reason, ttl, clock.now(collection)),
         projection=ENDED_PROJECTION,
         return_document=ReturnDocument.AFTER,
     )
@@ -1220,6 +1336,90 @@ async def advance_schedule(collection: Any, key: str, last: Any, slot: datetime,
     return bool(result.modified_count)
 
 
+# ------------------------------------------------------------------ sync producers
+# ``beanie_tasks.sync`` pushes from code without an event loop through PyMongo's sync
+# client. These are its commands; every filter, update and document comes from the same
+# builders as the async commands above, through a ``Store`` built on the sync collection.
+
+
+class SyncStore:
+    """The commands a sync producer sends for one task class, over a ``pymongo.MongoClient`` collection."""
+
+    def __init__(self, shape: Store) -> None:
+        self.shape = shape
+        self.collection = shape.collection
+
+    def ensure_indexes(self) -> None:
+        try:
+            self.shape.raw.create_indexes(self.shape.index_models())
+        except OperationFailure as exc:
+            conflict = self.shape.index_conflict(exc)
+            if conflict is None:
+                raise
+            raise conflict from exc
+
+    def measure_clock(self) -> None:
+        """Measure the sync client's offset from the server's clock (one ``hello``; none in process)."""
+        raw = self.shape.raw
+        before = clock.local_now()
+        clock.record(raw.database.client, before, driver.server_time_sync(raw), clock.local_now())
+
+    def now(self) -> datetime:
+        """The server's time, as a push decides due times by; the offset is measured again once a minute."""
+        if clock.is_stale(self.shape.raw):
+            self.measure_clock()
+        return self.shape.now()
+
+    def insert(self, document: dict[str, Any]) -> None:
+        driver.check_document_size(self.shape.raw, document)
+        self.collection.insert_one(document)
+
+    def watch_end(self, task_id: Any, max_await: float) -> Any | None:
+        """A change stream of the changes that can end ``task_id`` (``ENDING_CHANGES``), for ``wait_sync``."""
+        pipeline = [{"$match": {"documentKey._id": task_id}}, *ENDING_CHANGES]
+        return driver.open_change_stream_sync(self.shape.raw, pipeline, max_await)
+
+    def find_by_id(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.collection.find_one({"_id": task_id}, projection)
+        return found
+
+    def find_dedupe_twin(self, key: str, partition: Any = None) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.collection.find_one(self.shape.dedupe_twin_filter(key, partition))
+        return found
+
+    def states_of(self, collection_name: str, ids: Sequence[Any]) -> dict[Any, dict[str, Any]]:
+        cursor = self.shape.collection_named(collection_name).find(*states_query(ids))
+        return {row["_id"]: row for row in cursor}
+
+    def register_dependent(self, collection_name: str, ids: Sequence[Any]) -> int:
+        result = self.shape.collection_named(collection_name).update_many(*self.shape.registration(ids))
+        return int(result.matched_count)
+
+    def tell(
+        self, dependent_id: Any, dependency_id: Any, fields: Sequence[str], mark: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """``tell`` for a dependent of this class that a dependency ended before it was registered."""
+        snapshot: dict[str, Any] | None = self.collection.find_one_and_update(
+            *tell_command(dependent_id, dependency_id, fields, mark),
+            projection=DEPENDENT_PROJECTION,
+            return_document=ReturnDocument.AFTER,
+        )
+        if snapshot is None:
+            snapshot = self.collection.find_one(dependent_key(dependent_id, None), DEPENDENT_PROJECTION)
+        return snapshot
+
+    def release_parked(self, snapshot: Mapping[str, Any], run_at: Any) -> bool:
+        return bool(self.collection.update_one(*release_command(snapshot, run_at)).modified_count)
+
+    def fail_parked(self, snapshot: Mapping[str, Any], reason: str, ttl: float | None) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.collection.find_one_and_update(
+            *fail_command(snapshot, reason, ttl, self.shape.now()),
+            projection=ENDED_PROJECTION,
+            return_document=ReturnDocument.AFTER,
+        )
+        return found
+
+
 # ------------------------------------------------------------------ the registry
 
 _stores: weakref.WeakKeyDictionary[type, Store] = weakref.WeakKeyDictionary()
@@ -1261,3 +1461,31 @@ def is_registered(owner: type) -> bool:
 
 def stores_in(collection_name: str) -> list[Store]:
     return [s for s in _stores.values() if s.raw.name == collection_name]
+
+
+_sync_stores: weakref.WeakKeyDictionary[type, SyncStore] = weakref.WeakKeyDictionary()
+
+
+def register_sync(owner: type, sync_store: SyncStore) -> None:
+    """Record the sync producer's store of ``owner`` (done by ``beanie_tasks.sync.init``)."""
+    _sync_stores[owner] = sync_store
+
+
+def sync_of(owner: type) -> SyncStore:
+    """The sync store of a class passed to ``beanie_tasks.sync.init``; raises ``NotConfigured`` otherwise."""
+    found = _sync_stores.get(owner)
+    if found is not None:
+        return found
+    if not _sync_stores:
+        raise NotConfigured(
+            f"{owner.__name__}.push_sync() needs beanie_tasks.sync.init(uri, document_models=[...]) "
+            "to be called once in this process first"
+        )
+    raise NotConfigured(
+        f"{owner.__name__} is not in the document_models given to beanie_tasks.sync.init(); add it there"
+    )
+
+
+def forget_sync() -> None:
+    """Drop every sync store (``beanie_tasks.sync.close``)."""
+    _sync_stores.clear()

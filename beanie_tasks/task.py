@@ -11,9 +11,11 @@ import contextlib
 import copy
 import os
 import socket
+import time
 import traceback as tracebacks
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, TypeVar
@@ -44,11 +46,13 @@ from beanie_tasks.errors import (
     ModelNotInitialized,
     PushError,
     TaskCancelled,
+    TaskError,
     TaskFailed,
     TransitionError,
     WaitTimeout,
 )
 from beanie_tasks.options import TaskOptions
+from beanie_tasks.producing import PUSH_CHUNK, PushOutcome, PushStatus, dependency_levels
 from beanie_tasks.redact import get_logger, redact_text
 from beanie_tasks.states import PRIORITY_RANGE, TERMINAL_STATES, Priority, State
 from beanie_tasks.store import Store
@@ -77,6 +81,7 @@ BSON_OBJECT_TOO_LARGE = 10334
 # queue() looks for documents no claim can match once every this many recovery rounds.
 SWEEP_EVERY_RECOVERIES = 10
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATES)
+Given = TypeVar("Given")
 
 # Set while stored data is validated (``model_validate``, which Beanie's reads use too):
 # pydantic runs a custom ``__init__`` then as well, and a naive date there is a BSON date
@@ -184,6 +189,49 @@ def restore_field_defaults(cls: type[BaseModel]) -> None:
         cls.model_rebuild(force=True)
 
 
+def push_failure(name: str, task_id: Any, error: PyMongoError | DocumentTooLarge, method: str) -> PushError:
+    """The one-line error for a push the server or the driver refused (``method`` names the call to retry)."""
+    if isinstance(error, DocumentTooLarge) or (isinstance(error, WriteError) and error.code == BSON_OBJECT_TOO_LARGE):
+        return PushError(
+            f"{name} is larger than MongoDB's 16 MB document limit; store big payloads elsewhere and push a reference"
+        )
+    if isinstance(error, WriteError):
+        return PushError(f"could not push {name}: {redact_text(str(error))}")
+    return PushError(
+        f"could not push {name} {task_id}: {redact_text(describe_error(error) or '')}. "
+        f"It may or may not be stored; calling {method} again on the same object is safe (it reuses this id)"
+    )
+
+
+def dedupe_churn(name: str, key: Any) -> PushError:
+    return PushError(f"could not push {name} with dedupe_key {key!r}: the key kept changing hands")
+
+
+def rejected(task: Given, error: str) -> PushOutcome[Given]:
+    return PushOutcome(task, PushStatus.REJECTED, error=error)
+
+
+def duplicate_of(task: Given, twin: dict[str, Any]) -> PushOutcome[Given]:
+    """The outcome of a dedupe clash; a twin that does not validate is named by its id, with the reason."""
+    task_class: Any = type(task)
+    try:
+        return PushOutcome(task, PushStatus.DUPLICATE, stored=task_class.model_validate(twin))
+    except ValidationError as exc:
+        reason = f"the in-flight task holding its dedupe_key does not validate: {rejection(task, exc)}"
+        return PushOutcome(
+            task, PushStatus.DUPLICATE, stored=task_class.model_construct(id=twin.get("_id")), error=reason
+        )
+
+
+def rejection(task: object, error: Exception) -> str:
+    """One line for a task ``push_many`` could not even try to store."""
+    if isinstance(error, ValidationError):
+        return f"invalid {type(task).__name__}: {error.error_count()} validation error(s): " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+        )
+    return " ".join((describe_error(error) or "").split())
+
+
 def refuse_whole_document_write(task_class: type, method: str) -> NoReturn:
     """Beanie's whole-document writes would bypass the lease guard and the dedupe slot."""
     raise TransitionError(
@@ -191,6 +239,15 @@ def refuse_whole_document_write(task_class: type, method: str) -> NoReturn:
         "the dedupe slot; use push() to store a task, and finish(), fail(), release(), cancel() or "
         "set_progress() to change one"
     )
+
+
+@dataclass(frozen=True)
+class PushDraft:
+    """A validated task and the document its push stores (``Task.push_draft``), before any command."""
+
+    checked: Any  # the validated copy of the task, with the id and fields the push chose
+    document: dict[str, Any]
+    links: tuple[dependencies.LinkField, ...]
 
 
 class Task(Document):
@@ -286,8 +343,16 @@ class Task(Document):
     async def custom_init(cls) -> None:
         """Called by ``init_beanie``: registers the class, creates its indexes, measures the server's clock."""
         collection = driver.collection_of(cls)
+        task_store = cls.new_store(collection)
+        storage.register(cls, task_store, shares_by_inheritance=task_store.class_field is not None)
+        await task_store.ensure_indexes()
+        await clock.sync(collection)
+
+    @classmethod
+    def new_store(cls, collection: Any) -> Store:
+        """A store for this class's commands on ``collection`` (async, or PyMongo's sync for ``push_sync``)."""
         inherits = bool(getattr(cls, "_inheritance_inited", False))
-        task_store = Store(
+        return Store(
             cls.__name__,
             collection,
             cls.task_options,
@@ -295,9 +360,6 @@ class Task(Document):
             class_ids=(lambda: [str(cls._class_id), *cls._children]) if inherits else None,
             partition_field=cls.task_options.partition_by,
         )
-        storage.register(cls, task_store, shares_by_inheritance=inherits)
-        await task_store.ensure_indexes()
-        await clock.sync(collection)
 
     @classmethod
     def task_store(cls) -> Store:
@@ -355,10 +417,40 @@ class Task(Document):
         """
         if self.id is not None:
             raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
+        task_store = type(self).task_store()
+        draft = self.push_draft(task_store, task_store.now(), delay=delay, run_at=run_at, task_id=task_id)
+        try:
+            plan = await dependencies.prepare_push(task_store, type(self).__name__, draft.links, draft.document)
+            stored = await type(self)._insert(task_store, draft.document)
+        except BaseException as exc:
+            hooks.after_push(draft.checked, exc)
+            raise
+        hooks.after_push(draft.checked, None)
+        if stored is not None:
+            return stored
+        self.adopt_push(draft)
+        if plan is not None and await plan.register(draft.checked.id):
+            current = await task_store.find_by_id(draft.checked.id, {"state": 1, "run_at": 1, "error": 1})
+            if current is not None:
+                self._adopt(current)
+        return self
+
+    def push_draft(
+        self,
+        task_store: Store,
+        now: datetime,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        task_id: PydanticObjectId | None = None,
+    ) -> PushDraft:
+        """Validate this task and build the document a push stores, without sending anything.
+
+        Every producer (``push``, ``push_many``, ``push_sync``) builds its document here, so
+        they cannot drift apart. Raises on bad input; dependency readiness is added later.
+        """
         if delay is not None and run_at is not None:
             raise ValueError("pass either delay or run_at, not both")
-        task_store = type(self).task_store()
-        now = task_store.now()
         if run_at is not None:
             due = require_aware("run_at", run_at)
         elif delay is not None:
@@ -380,35 +472,262 @@ class Task(Document):
             raise PushError(f"{type(self).__name__}.{partition} must be set: it is the class's partition_by field")
         if checked.dedupe_key is not None:
             document["dedupe_slot"] = checked.dedupe_key
+        return PushDraft(checked, document, links)
+
+    def adopt_push(self, draft: PushDraft) -> None:
+        """This task was stored as ``draft``: take its id and the fields the push decided."""
+        for name in ("id", "max_attempts", "trace_context"):
+            setattr(self, name, getattr(draft.checked, name))
+        self._adopt({k: draft.document[k] for k in ("state", "run_at", "error") if k in draft.document})
+
+    @classmethod
+    async def push_many(cls, tasks: Iterable[Self], *, chunk_size: int = PUSH_CHUNK) -> list[PushOutcome[Self]]:
+        """Push many tasks with one unordered ``insert_many`` per chunk of up to ``chunk_size``.
+
+        Returns one ``PushOutcome`` per task, in order: PUSHED, DUPLICATE (its ``dedupe_key``
+        is in flight: ``stored`` is the task holding it) or REJECTED (``error`` says why;
+        nothing was stored), so one bad task never costs the others their push.
+        Validation, dedupe and links work as in ``push()``; a task may link another task
+        of the same call, which is then stored first. A lost connection raises PushError:
+        tasks that have an id by then were pushed, and pushing the others again is safe.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size!r}")
+        batch = list(tasks)
+        for task_class in {type(task) for task in batch if isinstance(task, cls)}:
+            task_class.task_store()  # an unregistered class is the caller's mistake: raise before storing any
+        outcomes: dict[int, PushOutcome[Self]] = {}
+        lent: list[int] = []
+        seen: set[int] = set()
+        for position, task in enumerate(batch):
+            if not isinstance(task, cls):
+                outcomes[position] = rejected(task, f"{type(task).__name__} is not a {cls.__name__}")
+            elif id(task) in seen:
+                outcomes[position] = rejected(task, "the same object appears earlier in this call")
+            elif task.id is not None:
+                outcomes[position] = rejected(task, f"{type(task).__name__} {task.id} was already pushed")
+            else:
+                # Its id now, so that another task of the same call can link it.
+                task.id = task._push_id = task._push_id or PydanticObjectId()
+                lent.append(position)
+                seen.add(id(task))
         try:
-            plan = await dependencies.prepare_push(task_store, type(self).__name__, links, document)
-            stored = await type(self)._insert(task_store, document)
+            drafts: dict[int, PushDraft] = {}
+            for position in lent:
+                task = batch[position]
+                try:
+                    task_store = type(task).task_store()
+                    drafts[position] = task.push_draft(task_store, task_store.now())
+                except (ValidationError, ValueError, TypeError, TaskError) as exc:
+                    outcomes[position] = rejected(task, rejection(task, exc))
+            in_batch = {batch[position].id: position for position in lent}
+            await cls._push_levels(batch, in_batch, drafts, outcomes, chunk_size)
+        finally:
+            for position in lent:
+                outcome = outcomes.get(position)
+                if outcome is None or not outcome.pushed:
+                    batch[position].id = None
+        return [outcomes[position] for position in range(len(batch))]
+
+    @classmethod
+    async def _push_levels(
+        cls,
+        batch: list[Self],
+        in_batch: dict[Any, int],
+        drafts: dict[int, PushDraft],
+        outcomes: dict[int, PushOutcome[Self]],
+        chunk_size: int,
+    ) -> None:
+        """Store the drafts dependencies first, one level at a time, each class's in chunks.
+
+        ``in_batch`` maps the id lent to each task of the call to its position.
+        """
+        links_to: dict[int, set[int]] = {}
+        for position, draft in drafts.items():
+            try:
+                linked = dependencies.linked_ids(type(batch[position]).__name__, draft.links, draft.document)
+            except PushError as exc:
+                outcomes[position] = rejected(batch[position], str(exc))
+                continue
+            links_to[position] = {in_batch[i] for i in linked if i in in_batch}
+        # Tasks already decided (rejected above) need no ordering: their dependents are rejected below.
+        levels, stuck = dependency_levels({p: wanted & links_to.keys() for p, wanted in links_to.items()})
+        for position in stuck:
+            outcomes[position] = rejected(batch[position], "it links tasks of the same call in a cycle")
+        for level in levels:
+            by_class: dict[type[Self], list[int]] = {}
+            for position in level:
+                missing = sorted(p for p in links_to[position] if not outcomes[p].pushed)
+                if missing:
+                    other = outcomes[missing[0]]
+                    outcomes[position] = rejected(
+                        batch[position],
+                        f"it links {type(other.task).__name__} {batch[missing[0]].id} of the same call, "
+                        f"which was not pushed ({other.status.value})",
+                    )
+                    continue
+                by_class.setdefault(type(batch[position]), []).append(position)
+            for task_class, positions in by_class.items():
+                for start in range(0, len(positions), chunk_size):
+                    await task_class._push_chunk(batch, drafts, positions[start : start + chunk_size], outcomes)
+
+    @classmethod
+    async def _push_chunk(
+        cls,
+        batch: list[Self],
+        drafts: dict[int, PushDraft],
+        positions: list[int],
+        outcomes: dict[int, PushOutcome[Self]],
+    ) -> None:
+        task_store = cls.task_store()
+        prepared = await dependencies.prepare_pushes(
+            task_store, cls.__name__, [(drafts[p].links, drafts[p].document) for p in positions]
+        )
+        plans: dict[int, dependencies.PushPlan | None] = {}
+        for position, plan in zip(positions, prepared, strict=True):
+            if isinstance(plan, PushError):
+                outcomes[position] = rejected(batch[position], str(plan))
+            else:
+                plans[position] = plan
+        sending = list(plans)
+        in_chunk = {drafts[position].checked.id: position for position in sending}
+        try:
+            report = await task_store.insert_many([drafts[position].document for position in sending])
+        except PyMongoError as exc:
+            raise PushError(
+                f"could not push {len(sending)} {cls.__name__} task(s): {redact_text(describe_error(exc) or '')}. "
+                "They may or may not be stored; calling push_many() again with them is safe (each reuses its id)"
+            ) from exc
+        registering: list[tuple[dependencies.PushPlan, Any]] = []
+        for index, position in enumerate(sending):
+            task, draft = batch[position], drafts[position]
+            if index in report.twins:
+                outcomes[position] = duplicate_of(task, report.twins[index])
+            elif index in report.refused:
+                error = push_failure(cls.__name__, draft.checked.id, report.refused[index], "push_many()")
+                outcomes[position] = rejected(task, str(error))
+            elif index in report.churned:
+                outcomes[position] = rejected(task, str(dedupe_churn(cls.__name__, draft.document["dedupe_slot"])))
+            else:
+                task.adopt_push(draft)
+                hooks.after_push(draft.checked, None)
+                plan = plans[position]
+                if plan is not None:
+                    registering.append((plan, draft.checked.id))
+                outcomes[position] = PushOutcome(task, PushStatus.PUSHED, stored=task)
+        for task_id in await dependencies.register_many(task_store, registering):
+            current = await task_store.find_by_id(task_id, {"state": 1, "run_at": 1, "error": 1})
+            if current is not None:
+                batch[in_chunk[task_id]]._adopt(current)
+
+    # ------------------------------------------------------------ from sync code
+
+    def push_sync(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        task_id: PydanticObjectId | None = None,
+    ) -> Self:
+        """``push()`` for code without an event loop (Flask, Django, scripts), through PyMongo's sync client.
+
+        Needs ``beanie_tasks.sync.init(uri, document_models=[...])`` once per process. The
+        same validation, dedupe and links as ``push()``; one command for a task without links.
+        """
+        if self.id is not None:
+            raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
+        sync_store = storage.sync_of(type(self))
+        draft = self.push_draft(sync_store.shape, sync_store.now(), delay=delay, run_at=run_at, task_id=task_id)
+        try:
+            plan = dependencies.prepare_push_sync(sync_store, type(self).__name__, draft.links, draft.document)
+            stored = type(self)._insert_sync(sync_store, draft.document)
         except BaseException as exc:
-            hooks.after_push(checked, exc)
+            hooks.after_push(draft.checked, exc)
             raise
-        hooks.after_push(checked, None)
+        hooks.after_push(draft.checked, None)
         if stored is not None:
             return stored
-        for name in ("id", "max_attempts", "trace_context"):
-            setattr(self, name, getattr(checked, name))
-        self._adopt({k: document[k] for k in ("state", "run_at", "error") if k in document})
-        if plan is not None and await plan.register(checked.id):
-            current = await task_store.find_by_id(checked.id, {"state": 1, "run_at": 1, "error": 1})
+        self.adopt_push(draft)
+        if plan is not None and dependencies.register_sync(plan, sync_store, draft.checked.id):
+            current = sync_store.find_by_id(draft.checked.id, {"state": 1, "run_at": 1, "error": 1})
             if current is not None:
                 self._adopt(current)
         return self
+
+    @classmethod
+    def _insert_sync(cls, sync_store: storage.SyncStore, document: dict[str, Any]) -> Self | None:
+        """``_insert`` through the sync client: on a dedupe clash, the in-flight twin (None means inserted)."""
+        key = document.get("dedupe_slot")
+        partition = sync_store.shape.partition_of(document)
+        for _ in range(storage.DEDUPE_ROUNDS):
+            try:
+                sync_store.insert(document)
+                return None
+            except DuplicateKeyError as exc:
+                if key is None or not storage.names_dedupe_slot(exc.details or exc):
+                    if sync_store.find_by_id(document["_id"], {"_id": 1}) is not None:
+                        return None  # an ambiguous retry already stored it
+                    raise
+                twin = sync_store.find_dedupe_twin(key, partition)
+                if twin is not None:
+                    return cls.model_validate(twin)  # type: ignore[no-any-return,unused-ignore]
+            except (PyMongoError, DocumentTooLarge) as exc:
+                raise push_failure(cls.__name__, document["_id"], exc, "push_sync()") from exc
+        raise dedupe_churn(cls.__name__, key)
+
+    def wait_sync(self, timeout: float | timedelta | None = None, *, poll_interval: float = 0.5) -> Self:
+        """``wait()`` for code without an event loop.
+
+        Returns the FINISHED task freshly read; raises TaskFailed or WaitTimeout as ``wait()``
+        does. A change stream on this task wakes it where the server has one (the task is
+        read again at least every ``poll_interval`` all the same); otherwise it polls,
+        backing off up to ``poll_interval``.
+        """
+        if self.id is None:
+            raise TransitionError(f"cannot wait for a {type(self).__name__} that was never pushed")
+        sync_store = storage.sync_of(type(self))
+        limit = as_delay(timeout).total_seconds() if timeout is not None else None
+        deadline = time.monotonic() + limit if limit is not None else None
+        stream = sync_store.watch_end(self.id, poll_interval if limit is None else min(poll_interval, limit))
+        pause = 0.0
+        try:
+            while True:
+                document = sync_store.find_by_id(self.id)
+                ended = self._ended(document)
+                if ended is not None:
+                    return ended
+                remaining = deadline - time.monotonic() if deadline is not None else None
+                if remaining is not None and remaining <= 0:
+                    raise self._still_waiting(document, limit or 0.0)
+                if stream is not None:
+                    started = time.monotonic()
+                    try:
+                        # Returns at a change, or after the stream's longest wait; one that returns
+                        # at once with nothing would spin, so it backs off as polling does.
+                        if stream.try_next() is not None or time.monotonic() - started >= 0.01:
+                            continue
+                    except PyMongoError:
+                        with contextlib.suppress(PyMongoError):
+                            stream.close()
+                        stream = None  # poll from now on
+                pause = min(max(pause * 2, 0.05), poll_interval)
+                time.sleep(pause if remaining is None else min(pause, remaining))
+        finally:
+            if stream is not None:
+                with contextlib.suppress(PyMongoError):
+                    stream.close()
 
     @classmethod
     async def _insert(cls, task_store: Store, document: dict[str, Any]) -> Self | None:
         """Insert; on a dedupe clash return the in-flight twin instead (None means inserted)."""
         key = document.get("dedupe_slot")
         partition = document.get(task_store.partition_field) if task_store.partition_field else None
-        for _ in range(5):
+        for _ in range(storage.DEDUPE_ROUNDS):
             try:
                 await task_store.insert(document)
                 return None
             except DuplicateKeyError as exc:
-                if key is None or "dedupe_slot" not in str(exc.details or exc):
+                if key is None or not storage.names_dedupe_slot(exc.details or exc):
                     if await task_store.find_by_id(document["_id"], {"_id": 1}) is not None:
                         return None  # an ambiguous retry already stored it
                     raise
@@ -416,19 +735,9 @@ class Task(Document):
                 if twin is not None:
                     return cls.model_validate(twin)  # type: ignore[no-any-return,unused-ignore]
                 # The twin ended between the clash and the read: the key is free again.
-            except (DocumentTooLarge, WriteError) as exc:
-                if isinstance(exc, WriteError) and exc.code != BSON_OBJECT_TOO_LARGE:
-                    raise PushError(f"could not push {cls.__name__}: {redact_text(str(exc))}") from exc
-                raise PushError(
-                    f"{cls.__name__} is larger than MongoDB's 16 MB document limit; "
-                    "store big payloads elsewhere and push a reference"
-                ) from exc
-            except PyMongoError as exc:
-                raise PushError(
-                    f"could not push {cls.__name__} {document['_id']}: {redact_text(describe_error(exc) or '')}. "
-                    "It may or may not be stored; calling push() again on the same object is safe (it reuses this id)"
-                ) from exc
-        raise PushError(f"could not push {cls.__name__} with dedupe_key {key!r}: the key kept changing hands")
+            except (PyMongoError, DocumentTooLarge) as exc:
+                raise push_failure(cls.__name__, document["_id"], exc, "push()") from exc
+        raise dedupe_churn(cls.__name__, key)
 
     # --------------------------------------------------------------- claiming
 
@@ -787,25 +1096,38 @@ class Task(Document):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + as_delay(timeout).total_seconds() if timeout is not None else None
         collection = self.collection()
-        name = f"{type(self).__name__} {self.id}"
-
         remaining = deadline - loop.time() if deadline is not None else None
         async with watch_end(collection, self.id, max_poll=poll_interval, timeout=remaining) as ending:
             while True:
                 document = await storage.read_task(collection, self.id)
-                if document is None:
-                    raise TransitionError(f"cannot wait for {name}: it no longer exists")
-                if document.get("state") in TERMINAL_VALUES:
-                    ended = type(self).model_validate(document)
-                    if ended.state is State.FINISHED:
-                        return ended  # type: ignore[no-any-return,unused-ignore]
-                    raise TaskFailed(f"{name} ended {ended.state.value}: {ended.error or 'no error recorded'}", ended)
+                ended = self._ended(document)
+                if ended is not None:
+                    return ended
                 remaining = deadline - loop.time() if deadline is not None else None
                 if remaining is not None and remaining <= 0:
-                    state = document.get("state")
-                    waited = as_delay(timeout).total_seconds()
-                    raise WaitTimeout(f"{name} is still {getattr(state, 'value', state)} after {waited:g} s")
+                    raise self._still_waiting(document, as_delay(timeout).total_seconds())
                 await ending.wait(remaining)
+
+    def _ended(self, document: dict[str, Any] | None) -> Self | None:
+        """What ``wait()`` and ``wait_sync()`` make of a fresh read: the FINISHED task, None while in flight.
+
+        Raises TaskFailed for FAILED and CANCELLED, and TransitionError once the task is gone.
+        """
+        name = f"{type(self).__name__} {self.id}"
+        if document is None:
+            raise TransitionError(f"cannot wait for {name}: it no longer exists")
+        if document.get("state") not in TERMINAL_VALUES:
+            return None
+        ended = type(self).model_validate(document)
+        if ended.state is State.FINISHED:
+            return ended  # type: ignore[no-any-return,unused-ignore]
+        raise TaskFailed(f"{name} ended {ended.state.value}: {ended.error or 'no error recorded'}", ended)
+
+    def _still_waiting(self, document: dict[str, Any] | None, waited: float) -> WaitTimeout:
+        state = (document or {}).get("state")
+        return WaitTimeout(
+            f"{type(self).__name__} {self.id} is still {getattr(state, 'value', state)} after {waited:g} s"
+        )
 
     # ------------------------------------------------------------- recovery
 

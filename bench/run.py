@@ -23,7 +23,7 @@ from bench.memory import measure_memory
 from bench.report import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("commands", "batch", "throughput", "latency", "scaling", "links", "memory")
+SECTIONS = ("commands", "batch", "push_many", "throughput", "latency", "scaling", "links", "memory")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class Sizes:
     memory_concurrency: int = 16
     # Dependency fan-out (dependents of one task) and fan-in (tasks one dependent waits for).
     link_fans: tuple[tuple[int, int], ...] = ((1_000, 100), (10_000, 1_000))
+    # Independent tasks per push_many call (the target is stated for 1,000).
+    push_many_tasks: int = 1_000
+    push_many_repetitions: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -59,6 +62,7 @@ class Sizes:
             memory_tasks=1_000,
             memory_budget_seconds=120.0,
             link_fans=((100, 100), (1_000, 1_000)),
+            push_many_repetitions=3,
         )
 
 
@@ -78,6 +82,7 @@ class Results:
     scaling: list[dict[str, Any]] = field(default_factory=list)
     memory: Any = None
     links: list[dict[str, Any]] = field(default_factory=list)
+    push_many: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     section_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -181,6 +186,9 @@ async def run(args: argparse.Namespace) -> Results:
                     rate = await ours.throughput_batch(uri, sizes.throughput_tasks, sizes.batch_concurrency, k)
                     results.batch[k]["per_second"].append(rate)
 
+        async def push_many() -> None:
+            results.push_many = await ours.push_many_cost(uri, sizes.push_many_tasks, sizes.push_many_repetitions)
+
         async def throughput() -> None:
             systems: dict[str, Callable[[int], Awaitable[float]]] = {
                 "raw driver floor": lambda c: ours.throughput_floor(uri, sizes.throughput_tasks, c),
@@ -233,6 +241,7 @@ async def run(args: argparse.Namespace) -> Results:
         work = {
             "commands": commands,
             "batch": batch,
+            "push_many": push_many,
             "throughput": throughput,
             "latency": latency,
             "scaling": scaling,
