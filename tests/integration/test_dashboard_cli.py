@@ -67,6 +67,19 @@ async def test_dashboard_command_serves_the_queue(backend: Any, db: Any) -> None
             assert page.status_code == 200 and 'data-class="DashPing"' in page.text
             detail = await http.get(f"/tasks/DashPing/{task.id}")
             assert "from the CLI test" in detail.text and "read-only" in detail.text
+            async with http.stream("GET", "/events") as events:
+                lines = events.aiter_lines()
+                assert await asyncio.wait_for(anext(lines), 30) == "event: hello"
+                mode = await asyncio.wait_for(anext(lines), 30)
+                assert mode in ("data: stream", "data: poll")
+                await DashPing(note="a change the page should hear of").push()
+
+                async def refreshed() -> None:
+                    async for line in lines:
+                        if line == "event: refresh":
+                            return
+
+                await asyncio.wait_for(refreshed(), 10)  # well before the quiet-time refresh (30 s)
     finally:
         await stop_subprocess(process)
     assert process.returncode in (0, -signal.SIGTERM)
