@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import escape
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -299,12 +300,6 @@ def done(request: Request, board: Dashboard, message: str, back: str, status_cod
         response.headers["HX-Trigger"] = "bt-refresh"
         return response
     return RedirectResponse(f"{back}?flash={message}", status_code=303)
-
-
-def escape(text: str) -> str:
-    from markupsafe import escape as markup_escape
-
-    return str(markup_escape(text))
 
 
 async def task_action(board: Dashboard, request: Request) -> Response:
