@@ -952,12 +952,15 @@ class Store:
             raise ValueError(f"the {sort_name!r} order lists one state at a time")
         query = dict(selector)
         if after is not None:
+            # A rooted $or, one branch per sort key, each with the whole filter: every branch is
+            # one tight range of the index, already in the sort's order (merged, never sorted).
             branches: list[dict[str, Any]] = []
             for position, (name, direction) in enumerate(sort):
                 branch = {earlier: after[earlier] for earlier, _ in sort[:position]}
                 branch[name] = {"$lt" if direction == DESCENDING else "$gt": after[name]}
-                branches.append(branch)
-            query = {"$and": [query, {"$or": branches}]} if query else {"$or": branches}
+                overlap = set(branch) & set(selector)
+                branches.append({"$and": [dict(selector), branch]} if overlap else dict(selector) | branch)
+            query = {"$or": branches}
         # A partitioned class's claim index leads with the partition: the planner picks its own plan.
         hint = {} if index == CLAIM_INDEX and self.partition_field is not None else driver.index_hint(self.raw, index)
         return query, sort, hint

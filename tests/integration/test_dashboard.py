@@ -14,7 +14,7 @@ from beanie_tasks import DependencyType, State, Task, depends_on
 pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
-from beanie_tasks.web import dashboard  # noqa: E402
+from beanie_tasks.web import dashboard, views  # noqa: E402
 
 
 class Mail(Task):
@@ -100,21 +100,26 @@ async def test_bad_parameters_are_one_line_errors(client: httpx.AsyncClient) -> 
 
 
 async def test_keyset_pages_cover_every_task_once(client: httpx.AsyncClient) -> None:
-    ids = {str((await Mail(to=str(n), priority=n % 3).push()).id) for n in range(7)}
-    for sort, state in (("newest", None), ("queue", "CREATED")):
+    pushed = [await Mail(to=str(n), priority=n % 3).push() for n in range(7)]
+    every = {str(task.id) for task in pushed}
+    ones = {str(task.id) for task in pushed if task.priority == 1}
+    for sort, state, priority, ids in (
+        ("newest", None, None, every),
+        ("queue", "CREATED", None, every),
+        ("queue", "CREATED", "1", ones),  # the filter's priority and the order's cannot widen each other
+        ("newest", None, "1", ones),
+    ):
         seen: list[str] = []
-        params = {"sort": sort} | ({"state": state} if state else {})
+        params = {"sort": sort} | ({"state": state} if state else {}) | ({"priority": priority} if priority else {})
         after = None
         for _ in range(10):
-            from beanie_tasks.web import views
-
             query = views.ListQuery.parse(params | ({"after": after} if after else {}))
-            page = await views.task_page(Mail, query, limit=3)
+            page = await views.task_page(Mail, query, limit=2)
             seen.extend(str(row["_id"]) for row in page.rows)
             after = page.next_after
             if after is None:
                 break
-        assert sorted(seen) == sorted(ids), sort
+        assert sorted(seen) == sorted(ids), params
         assert len(seen) == len(ids)
     # the queue order is the claim's: highest priority first
     first = await client.get("/tasks/Mail", params={"sort": "queue", "state": "CREATED"})
