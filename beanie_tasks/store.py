@@ -978,15 +978,15 @@ class Store:
         return await self.raw.find(query, sort=sort, limit=50, **hint).explain()
 
     async def ended_per_minute(self, since: datetime) -> list[dict[str, Any]]:
-        """How many tasks FINISHED and FAILED in each minute since ``since`` (served by ``bt_finished``)."""
+        """How many tasks FINISHED and FAILED in each UTC minute since ``since``, counted by the server
+        on ``bt_finished``: ``{"_id": {"minute": "YYYY-MM-DDTHH:MM", "state": ...}, "n": ...}``."""
         match = self.scope() | {
             "state": {"$in": [State.FINISHED.value, State.FAILED.value]},
             "finished_at": {"$gte": since},
         }
-        rows = await driver.aggregate(
-            self.collection, [{"$match": match}, {"$project": {"state": 1, "finished_at": 1}}]
-        )
-        return rows
+        minute = {"$dateToString": {"format": "%Y-%m-%dT%H:%M", "date": "$finished_at"}}
+        group = {"$group": {"_id": {"minute": minute, "state": "$state"}, "n": {"$sum": 1}}}
+        return await driver.aggregate(self.collection, [{"$match": match}, group])
 
     async def count_ready(self, now: datetime) -> int:
         """The ready backlog: CREATED and due (counted on ``bt_claim``)."""

@@ -6,7 +6,7 @@ import base64
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from bson import DBRef, ObjectId, json_util
@@ -20,6 +20,7 @@ from beanie_tasks.task import Task
 
 PAGE_SIZE = 50
 CHART_MINUTES = 60
+MINUTE_FORMAT = "%Y-%m-%dT%H:%M"
 RUNNING_SHOWN = 20
 GRAPH_NODES = 25
 # Stored fields every task has: the rest of a document is its payload or bookkeeping.
@@ -109,15 +110,17 @@ async def class_summary(task_class: type[Task], now: datetime) -> ClassSummary:
     task_store = task_class.task_store()
     counts = {state.value: n for state, n in (await admin.counts(task_store)).items()}
     oldest = await task_store.oldest_ready(now)
-    since = now - timedelta(minutes=CHART_MINUTES)
+    since = now.replace(second=0, microsecond=0) - timedelta(minutes=CHART_MINUTES - 1)
     buckets = [[0, 0] for _ in range(CHART_MINUTES)]
     for row in await task_store.ended_per_minute(since):
-        ended = row.get("finished_at")
-        if not isinstance(ended, datetime):
+        key = row.get("_id") or {}
+        try:
+            minute = datetime.strptime(str(key.get("minute")), MINUTE_FORMAT).replace(tzinfo=timezone.utc)
+        except ValueError:
             continue
-        minute = int((clock.as_utc(ended) - since).total_seconds() // 60)
-        if 0 <= minute < CHART_MINUTES:
-            buckets[minute][0 if state_value(row.get("state")) == State.FINISHED.value else 1] += 1
+        index = int((minute - since).total_seconds() // 60)
+        if 0 <= index < CHART_MINUTES:
+            buckets[index][0 if state_value(key.get("state")) == State.FINISHED.value else 1] += int(row.get("n", 0))
     chart = [(ok, bad) for ok, bad in buckets]
     running = await task_store.running_page(RUNNING_SHOWN)
     return ClassSummary(

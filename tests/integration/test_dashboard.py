@@ -83,6 +83,17 @@ async def test_list_filters_by_state_priority_key_and_searches(client: httpx.Asy
     assert by_state.text.count('data-id="') == 1
 
 
+async def test_overview_charts_finished_and_failed_per_minute(client: httpx.AsyncClient) -> None:
+    for n in range(3):
+        await Mail(to=str(n)).push()
+    for outcome in ("finish", "finish", "fail"):
+        task = await Mail.pop()
+        assert task is not None
+        await (task.finish() if outcome == "finish" else task.fail("no"))
+    page = await client.get("/")
+    assert "<title>2 finished</title>" in page.text and "<title>1 failed</title>" in page.text
+
+
 async def test_bad_parameters_are_one_line_errors(client: httpx.AsyncClient) -> None:
     for path, params in [
         ("/tasks/Mail", {"state": "LOST"}),
