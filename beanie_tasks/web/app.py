@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from beanie_tasks import admin, clock, store
 from beanie_tasks.discovery import discover
@@ -181,7 +182,7 @@ def dashboard(
     if importlib.util.find_spec("prometheus_client") is not None:
         import prometheus_client
 
-        routes.append(Mount("/metrics", prometheus_client.make_asgi_app()))
+        routes.append(Mount("/metrics", asgi_guarded(board, prometheus_client.make_asgi_app())))
     return Starlette(routes=routes)
 
 
@@ -200,6 +201,19 @@ def guarded(board: Dashboard, handler: Handler) -> Callable[[Request], Awaitable
             return board.render(request, "error.html", status_code=400, message=str(exc))
 
     return endpoint
+
+
+def asgi_guarded(board: Dashboard, inner: ASGIApp) -> ASGIApp:
+    """A mounted ASGI app (the metrics) behind the same auth hook as the pages."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not await allowed(board.auth, Request(scope, receive)):
+            refusal = HTMLResponse("forbidden: the dashboard's auth hook refused this request", status_code=403)
+            await refusal(scope, receive, send)
+            return
+        await inner(scope, receive, send)
+
+    return app
 
 
 # ------------------------------------------------------------------ pages

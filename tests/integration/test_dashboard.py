@@ -282,3 +282,11 @@ async def test_mounted_under_a_prefix_in_another_app() -> None:
 async def test_schedules_page(client: httpx.AsyncClient) -> None:
     page = await client.get("/schedules")
     assert page.status_code == 200 and "periodic" in page.text
+
+
+async def test_metrics_are_mounted_when_prometheus_client_is_installed(client: httpx.AsyncClient) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    answer = await client.get("/metrics/")
+    assert answer.status_code == 200 and "# HELP" in answer.text
+    async with client_for(dashboard([Mail], auth=lambda request: False)) as refused:
+        assert (await refused.get("/metrics/")).status_code == 403
