@@ -125,6 +125,7 @@ def environment() -> Environment:
     env.filters["age"] = age
     env.filters["when"] = when
     env.filters["text"] = views.as_text
+    env.filters["short"] = lambda value: "" if value is None else views.as_text(value)[:120]
     env.filters["show"] = lambda value: when(value) if isinstance(value, datetime) else views.as_text(value)
     env.filters["state"] = state_value
     return env

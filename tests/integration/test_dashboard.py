@@ -290,3 +290,22 @@ async def test_metrics_are_mounted_when_prometheus_client_is_installed(client: h
     assert answer.status_code == 200 and "# HELP" in answer.text
     async with client_for(dashboard([Mail], auth=lambda request: False)) as refused:
         assert (await refused.get("/metrics/")).status_code == 403
+
+
+async def test_hostile_documents_do_not_break_any_page(client: httpx.AsyncClient) -> None:
+    from bson import ObjectId
+
+    collection = Mail.collection()
+    hostile = [
+        {"_id": ObjectId(), "state": ["CREATED"], "priority": "high", "run_at": "tomorrow", "error": {"x": [1]}},
+        {"_id": ObjectId()},
+        {"_id": ObjectId(), "state": "FAILED", "error": 42, "finished_at": "yesterday", "progress": "half", "to": None},
+        {"_id": ObjectId(), "state": "RUNNING", "progress": 0.5, "consumer_id": {"$gt": ""}, "lease_expires_at": 3},
+    ]
+    await collection.insert_many(hostile)
+    for path in ["/", "/tasks/Mail", "/tasks/Mail?state=FAILED&sort=ended", "/tasks/Mail?q=4"]:
+        page = await client.get(path)
+        assert page.status_code == 200, (path, page.text[-500:])
+    for document in hostile:
+        page = await client.get(f"/tasks/Mail/{document['_id']}")
+        assert page.status_code == 200, (document, page.text[-500:])
