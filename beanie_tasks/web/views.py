@@ -13,7 +13,7 @@ from bson import DBRef, ObjectId, json_util
 from bson.errors import InvalidId
 
 from beanie_tasks import admin, clock, store
-from beanie_tasks.dependencies import declared_links
+from beanie_tasks.dependencies import declared_links, is_collection_name
 from beanie_tasks.schedule import Schedule, schedule_key
 from beanie_tasks.states import State, state_value
 from beanie_tasks.task import Task
@@ -265,7 +265,7 @@ async def graph(
         value = document.get(link.name)
         refs = value if isinstance(value, list) else [value]
         for ref in refs:
-            if isinstance(ref, DBRef):
+            if isinstance(ref, DBRef) and is_collection_name(ref.collection):
                 wanted.setdefault(ref.collection, []).append((ref.id, link.name))
     for collection_name, pairs in wanted.items():
         found = await task_store.states_of(collection_name, [ref for ref, _ in pairs[:GRAPH_NODES]])
@@ -276,9 +276,10 @@ async def graph(
             nodes.append(
                 Node(str(ref), state, owner.__name__ if owner else None, collection_name, "upstream", field_name)
             )
-    places = list(dict.fromkeys([own, *(document.get("dependents_in") or [])]))
+    recorded = document.get("dependents_in")
+    places = list(dict.fromkeys([own, *(recorded if isinstance(recorded, list) else [])]))
     for collection_name in places:
-        if not isinstance(collection_name, str):
+        if not is_collection_name(collection_name):
             continue
         owner = classes_by_collection.get(collection_name)
         for row in await task_store.find_waiting_dependents(collection_name, document["_id"], GRAPH_NODES):

@@ -301,6 +301,8 @@ async def test_hostile_documents_do_not_break_any_page(client: httpx.AsyncClient
         {"_id": ObjectId()},
         {"_id": ObjectId(), "state": "FAILED", "error": 42, "finished_at": "yesterday", "progress": "half", "to": None},
         {"_id": ObjectId(), "state": "RUNNING", "progress": 0.5, "consumer_id": {"$gt": ""}, "lease_expires_at": 3},
+        {"_id": ObjectId(), "state": "FINISHED", "dependents_in": "Mail", "dependents_pending": "yes"},
+        {"_id": ObjectId(), "state": "FINISHED", "dependents_in": ["$bad", "", 7, "Mail"]},
     ]
     await collection.insert_many(hostile)
     for path in ["/", "/tasks/Mail", "/tasks/Mail?state=FAILED&sort=ended", "/tasks/Mail?q=4"]:
