@@ -236,9 +236,17 @@ async def tasks_page(board: Dashboard, request: Request) -> Response:
     page = await views.task_page(task_class, query)
     hook = board.redactor(task_class)
     rows = [redacted(row, hook) for row in page.rows]
-    template = "_rows.html" if request.headers.get("hx-request") and request.query_params.get("after") else "tasks.html"
+    # A next page fetched by htmx is only rows, appended; while any is shown, live refreshes leave the list alone.
+    appended = bool(request.headers.get("hx-request") and request.query_params.get("after"))
     return board.render(
-        request, template, page="tasks", task_class=task_class, rows=rows, next_after=page.next_after, query=query
+        request,
+        "_rows.html" if appended else "tasks.html",
+        page="tasks",
+        task_class=task_class,
+        rows=rows,
+        next_after=page.next_after,
+        query=query,
+        appended=appended,
     )
 
 

@@ -128,6 +128,12 @@ async def test_pages_load_and_cancel_by_click(backend: Any, db: Any) -> None:
             assert not errors, (name, errors)
             assert browser.find_element(By.TAG_NAME, "header")
             browser.save_screenshot(str(IMAGES / f"dashboard-{name}.png"))
+        browser.get(f"{base}/tasks/Thumbnail")
+        WebDriverWait(browser, 20).until(
+            lambda b: "live " in (b.find_element(By.ID, "live").get_attribute("class") or "x")
+        )
+        fresh = await Thumbnail(image="pushed-while-watching.jpg").push()
+        WebDriverWait(browser, 30).until(lambda b: str(fresh.id) in b.page_source)  # no reload: the list refreshed
         browser.get(f"{base}/tasks/Thumbnail/{running.id}")
         browser.find_element(By.ID, "action-cancel").click()
         WebDriverWait(browser, 20).until(expected_conditions.alert_is_present())
