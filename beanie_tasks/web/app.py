@@ -37,7 +37,8 @@ from beanie_tasks.web.security import CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER, Auth
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 BULK_LIMIT = 1000
-# Seconds between two refresh events when the server offers no change stream (and the longest quiet gap).
+# The event stream: a refresh every POLL_SECONDS without a change stream; with one, a refresh per
+# change (a burst within COALESCE_SECONDS is one), and one after QUIET_SECONDS without any.
 POLL_SECONDS = 2.0
 QUIET_SECONDS = 30.0
 COALESCE_SECONDS = 0.5
@@ -253,7 +254,7 @@ async def tasks_page(board: Dashboard, request: Request) -> Response:
 async def task_page(board: Dashboard, request: Request) -> Response:
     task_class = board.task_class(request.path_params["cls"])
     task_id = views.parse_id(request.path_params["task_id"])
-    document = await task_class.task_store().find_by_id(task_id)
+    document = await task_class.task_store().find_in_scope(task_id)
     if document is None:
         return board.render(
             request, "error.html", status_code=404, message=f"no {task_class.__name__} with id {task_id}"
@@ -345,7 +346,7 @@ async def task_action(board: Dashboard, request: Request) -> Response:
     )
     if changed:
         return done(request, board, f"{action}: done", back)
-    current = await task_class.task_store().find_by_id(task_id, {"state": 1})
+    current = await task_class.task_store().find_in_scope(task_id, {"state": 1})
     now = state_value(current.get("state")) if current else "deleted"
     return done(request, board, f"{action}: not applied, the task is {now}", back, status_code=409)
 
