@@ -84,7 +84,12 @@ async def check_dependencies(store: Store) -> int:
 
 
 async def cancel_task(store: Store, task_id: Any) -> bool:
-    """Cancel a CREATED or RUNNING task, and tell its dependents; False when it had already ended."""
+    """Cancel a CREATED or RUNNING task of this class, and tell its dependents; False when it had already ended.
+
+    A task's class never changes, so checking it first cannot race with the guarded write.
+    """
+    if await store.find_in_scope(task_id, {"_id": 1}) is None:
+        return False
     returned = await store.cancel(task_id, store.now())
     if returned is None:
         return False

@@ -988,6 +988,11 @@ class Store:
         group = {"$group": {"_id": {"minute": minute, "state": "$state"}, "n": {"$sum": 1}}}
         return await driver.aggregate(self.collection, [{"$match": match}, group])
 
+    async def find_in_scope(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """One task of this class (a sibling class's task sharing the collection is not found)."""
+        found: dict[str, Any] | None = await self.collection.find_one(self.scope() | {"_id": task_id}, projection)
+        return found
+
     async def count_ready(self, now: datetime) -> int:
         """The ready backlog: CREATED and due (counted on ``bt_claim``)."""
         return int(await self.collection.count_documents(self.claim_filter(now), **self._hint(None)))
@@ -1030,14 +1035,16 @@ class Store:
 
         Only an unclaimed CREATED task moves, and never one parked by its concurrency key.
         """
-        waiting = self.lease_guard(task_id, None) | {"limit_parked": {"$exists": False}}
+        waiting = self.scope() | self.lease_guard(task_id, None) | {"limit_parked": {"$exists": False}}
         if await self.update_guarded(waiting | {"dep_blocked": {"$exists": False}}, {"$set": {"run_at": now}}):
             return True
         return await self.update_guarded(waiting | {"dep_blocked": True}, {"$set": {"dep_run_at": now}})
 
     async def set_priority(self, task_id: Any, priority: int) -> bool:
         """Change the priority of a task that is still waiting (unclaimed CREATED)."""
-        return await self.update_guarded(self.lease_guard(task_id, None), {"$set": {"priority": priority}})
+        return await self.update_guarded(
+            self.scope() | self.lease_guard(task_id, None), {"$set": {"priority": priority}}
+        )
 
     async def delete_ended(self, task_id: Any) -> bool:
         """Delete one task that ended and whose dependents were all told; a live task must be cancelled first."""

@@ -386,10 +386,13 @@ async def events(board: Dashboard, request: Request) -> Response:
                 await wakeup.start()
             mode = "stream" if any(w.streaming for w in wakeups) else "poll"
             yield f"event: hello\ndata: {mode}\n\n"
+            # Motor opens a stream's cursor lazily: a change made while it opens is covered by an early refresh.
+            quiet = POLL_SECONDS
             while not await request.is_disconnected():
                 waiters = [asyncio.ensure_future(w.wait()) for w in wakeups]
                 try:
-                    await asyncio.wait(waiters, timeout=QUIET_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waiters, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
+                    quiet = QUIET_SECONDS
                 finally:
                     for waiter in waiters:
                         waiter.cancel()
