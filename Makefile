@@ -8,7 +8,7 @@ PY1 := $(BEANIE1)/bin/python
 PYDEMO := $(DEMO)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test test-beanie2 test-beanie1 check lint docs bench clean
+.PHONY: demo demo-dashboard test test-beanie2 test-beanie1 check lint docs bench clean
 
 # Beanie 2 on PyMongo's async client: the primary stack.
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,14 @@ $(DEMO)/.installed: pyproject.toml
 
 demo: $(DEMO)/.installed
 	$(PYDEMO) -m beanie_tasks.demo
+
+# The demo again, then its data in the web dashboard (adds the `web` extra to the demo's venv).
+$(DEMO)/.web-installed: $(DEMO)/.installed
+	$(PYDEMO) -m pip install $(PIP_FLAGS) -e '.[demo,web]'
+	touch $@
+
+demo-dashboard: $(DEMO)/.web-installed
+	$(PYDEMO) -m beanie_tasks.demo --dashboard
 
 # Both environments install side by side (mostly network and disk), then the checks and suites run in turn.
 test:

@@ -12,7 +12,7 @@ from typing import Any
 
 from beanie_tasks import dependencies
 from beanie_tasks.redact import get_logger
-from beanie_tasks.states import IN_FLIGHT_STATES, State
+from beanie_tasks.states import IN_FLIGHT_STATES, PRIORITY_RANGE, State
 from beanie_tasks.store import Store
 
 log = get_logger("beanie_tasks")
@@ -123,3 +123,44 @@ async def set_aside_unclaimable(store: Store, *, limit: int = MAX_SET_ASIDE_PER_
 async def check_dependencies(store: Store) -> int:
     """Repair dependency bookkeeping now (deleted links, lost notifications); see ``dependencies.sweep``."""
     return await dependencies.check_dependencies(store)
+
+
+# ------------------------------------------------------------------ one task at a time
+# The operator's actions on single tasks (the dashboard's buttons), each one guarded write.
+
+
+async def cancel_task(store: Store, task_id: Any) -> bool:
+    """Cancel a CREATED or RUNNING task of this class, and tell its dependents; False when it had already ended.
+
+    A task's class never changes, so checking it first cannot race with the guarded write.
+    """
+    if await store.find_in_scope(task_id, {"_id": 1}) is None:
+        return False
+    returned = await store.cancel(task_id, store.now())
+    if returned is None:
+        return False
+    await dependencies.after_terminal(store, task_id, State.CANCELLED.value, None, returned)
+    return True
+
+
+async def requeue_task(store: Store, task_id: Any) -> bool:
+    """Run one FAILED task again with fresh attempts (the rules of ``requeue_failed``)."""
+    return await store.requeue_one(task_id, store.now())
+
+
+async def run_now(store: Store, task_id: Any) -> bool:
+    """Make a waiting task due now (one waiting for links runs as soon as they are met)."""
+    return await store.run_now(task_id, store.now())
+
+
+async def change_priority(store: Store, task_id: Any, priority: int) -> bool:
+    """Give a waiting task another priority (an integer in ``PRIORITY_RANGE``)."""
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
+        raise ValueError(f"priority must be a whole number from {low} to {high}, got {priority!r}")
+    return await store.set_priority(task_id, priority)
+
+
+async def delete_task(store: Store, task_id: Any) -> bool:
+    """Delete one ended task; a CREATED or RUNNING task must be cancelled first."""
+    return await store.delete_ended(task_id)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.parse
@@ -693,6 +694,51 @@ def purge(
 
     name, count = run(lambda: with_classes(module, connection, act))
     out.print(f"deleted {count} {name} task(s) in {names}")
+
+
+# --------------------------------------------------------------- dashboard
+
+
+@app.command("dashboard")
+def dashboard_command(
+    modules: Annotated[
+        list[str],
+        typer.Argument(envvar="BEANIE_TASKS_MODULES", show_default=False, help="Modules defining the task classes."),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="Port to listen on.")] = 8080,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Show the queues; offer no action.")] = False,
+    uri: UriOption = None,
+    database: DatabaseOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+) -> None:
+    """Serve the web dashboard of MODULES until Ctrl-C (needs the web extra)."""
+    try:
+        import uvicorn
+
+        from beanie_tasks.web import dashboard
+    except ImportError as exc:
+        fail(f"the dashboard needs the web extra ({exc.name} is missing): pip install 'beanie-tasks[web]'")
+    connection = Connection.resolve(uri, database, timeout)
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+
+    async def main() -> None:
+        classes = discover(modules)
+        client = await connection.open(classes)
+        try:
+            config = uvicorn.Config(dashboard(classes, read_only=read_only), host=host, port=port, log_level="warning")
+            names = ", ".join(cls.__name__ for cls in classes)
+            mode = " (read-only)" if read_only else ""
+            err.print(redact(f"dashboard of {names} on {connection.database}{mode}: http://{host}:{port}/"))
+            await uvicorn.Server(config).serve()
+        finally:
+            await driver.close_client(client)
+
+    run(main)
 
 
 # -------------------------------------------------------------- dev-server

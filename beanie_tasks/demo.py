@@ -7,6 +7,7 @@ have all finished. With no ``MONGODB_URI`` it starts an embedded SecantusDB serv
 stops everything it started and drops its database before it exits.
 
     python -m beanie_tasks.demo            # the whole demo
+    python -m beanie_tasks.demo --dashboard            # the demo, then its data in the web dashboard
     python -m beanie_tasks.demo --worker URI DATABASE   # one of its worker processes
 """
 
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from rich.table import Table
 
 from beanie_tasks.dependencies import depends_on
 from beanie_tasks.driver import client_for, close_client
-from beanie_tasks.embedded import server_uri
+from beanie_tasks.embedded import free_port, server_uri
 from beanie_tasks.states import DependencyType, State
 from beanie_tasks.task import Task
 from beanie_tasks.worker import Worker
@@ -204,7 +206,32 @@ def _span(started: list[datetime], finished: list[datetime]) -> str:
     return f"{(max(finished) - min(started)).total_seconds():.2f} s"
 
 
-async def demo(console: Console) -> bool:
+DASHBOARD_PORT = 8080
+
+
+async def serve_dashboard(console: Console) -> None:
+    """Serve the web dashboard on this run's data until Ctrl-C (needs the web extra)."""
+    try:
+        import uvicorn
+
+        from beanie_tasks.web import dashboard
+    except ImportError as exc:
+        console.print(
+            f"[red]the dashboard needs the web extra ({exc.name} is missing): pip install 'beanie-tasks[web]'"
+        )
+        return
+    port = DASHBOARD_PORT
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            port = free_port()
+    console.print(
+        f"[bold]open http://127.0.0.1:{port}/[/bold] to see this run in the web dashboard; Ctrl-C ends the demo"
+    )
+    config = uvicorn.Config(dashboard(STAGES), host="127.0.0.1", port=port, log_level="warning")
+    await uvicorn.Server(config).serve()
+
+
+async def demo(console: Console, *, with_dashboard: bool = False) -> bool:
     root, files = source_files()
     with server_uri() as uri:
         where = "MONGODB_URI" if os.environ.get("MONGODB_URI") else "an embedded SecantusDB server"
@@ -224,6 +251,8 @@ async def demo(console: Console) -> bool:
             codes = stop_workers(workers)
             console.print(f"workers stopped (exit codes {codes})")
             ok = await summary(console, report, root) and all(code == 0 for code in codes)
+            if with_dashboard:
+                await serve_dashboard(console)
         except BaseException:
             console.print(f"worker log: {log_path}")
             raise
@@ -244,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
         asyncio.run(run_worker(args[1], args[2]))
         return 0
-    if args:
-        print("usage: python -m beanie_tasks.demo", file=sys.stderr)
+    with_dashboard = args == ["--dashboard"]
+    if args and not with_dashboard:
+        print("usage: python -m beanie_tasks.demo [--dashboard]", file=sys.stderr)
         return 2
     started = time.monotonic()
     # Piped output (CI logs, `make demo | tee`) gets room for the whole summary table.
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    ok = asyncio.run(demo(console))
+    ok = asyncio.run(demo(console, with_dashboard=with_dashboard))
     console.print(f"demo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     if ok:
         console.print(next_steps())
@@ -273,6 +303,7 @@ def next_steps() -> str:
         [
             f"The demo's code: {shown(Path(__file__))} (its FileDigest and DocsReport tasks, its two workers).",
             "What to try next:",
+            f"  - make demo-dashboard: this demo again, then its data in the web dashboard at http://127.0.0.1:{DASHBOARD_PORT}/",
             f"  - {shown(Path(sys.executable))} docs/examples/quickstart.py: push, pop and finish one task",
             "  - docs/examples/: one runnable program per feature; docs/index.md: the guide to all of them",
             f"  - {command} dev-server: a local server for your own tasks; {command} --help: the CLI",

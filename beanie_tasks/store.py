@@ -43,6 +43,8 @@ field, each present only when the class has one)
 * ``bt_dependents``: ``dependents_pending``, only where true: the repair sweep;
 * ``bt_waiting``: ``dep_wait.i``, only parked dependents: telling dependents;
 * ``bt_blocked``: ``dep_blocked, _id``, only parked dependents: the reconcile sweep;
+* ``bt_finished``: ``C, state, finished_at desc, _id desc``: the dashboard's newest-ended lists
+  and its finished-per-minute chart;
 * ``bt_slot_key`` / ``bt_rate_key``: ``C, concurrency_key / rate_limit_key, state``, for a
   class with ``key_concurrency`` / ``key_rate_limit``: parking and unparking one key.
 
@@ -60,10 +62,14 @@ Other collections of the database
   when empty; indexes ``bt_limit_expiry`` and ``bt_limit_holders`` (``scope, holders.at``);
 * ``beanie_tasks_schedules``: one cursor per periodic class, ``{_id, last_slot,
   schedule, updated_at}``.
+* ``beanie_tasks_workers``: one document per running worker, ``{_id: consumer id, host, pid,
+  concurrency, classes, started_at, seen_at, expires_at}``, refreshed once per heartbeat
+  interval; a TTL index on ``expires_at`` (``bt_worker_expiry``) removes dead workers.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -87,6 +93,15 @@ log = get_logger("beanie_tasks")
 CLAIM_INDEX = "bt_claim"
 CLAIM_SORT = [("priority", DESCENDING), ("run_at", ASCENDING), ("_id", ASCENDING)]
 SCHEDULES_COLLECTION = "beanie_tasks_schedules"
+WORKERS_COLLECTION = "beanie_tasks_workers"
+FINISHED_INDEX = "bt_finished"
+# How the dashboard's task lists sort, each served by one index (``_id_`` is MongoDB's own):
+# name -> the sort, the index that serves it, whether the list must be pinned to one state.
+LIST_SORTS: dict[str, tuple[list[tuple[str, int]], str, bool]] = {
+    "newest": ([("_id", DESCENDING)], "_id_", False),
+    "queue": (CLAIM_SORT, CLAIM_INDEX, True),
+    "ended": ([("finished_at", DESCENDING), ("_id", DESCENDING)], FINISHED_INDEX, True),
+}
 IN_FLIGHT = sorted(s.value for s in IN_FLIGHT_STATES)
 TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 # What a terminal write returns: enough to know whether dependents wait for it.
@@ -211,6 +226,9 @@ class Store:
                 **driver.only_present("dedupe_slot", collection),
             ),
             IndexModel([("expires_at", ASCENDING)], name="bt_expiry", expireAfterSeconds=0),
+            IndexModel(
+                [*scope, ("state", ASCENDING), ("finished_at", DESCENDING), ("_id", DESCENDING)], name=FINISHED_INDEX
+            ),
             IndexModel(
                 [("dependents_pending", ASCENDING)],
                 name="bt_dependents",
@@ -1030,6 +1048,153 @@ class Store:
         result = await self.collection.delete_many(self.scope() | {"state": {"$in": sorted(states)}})
         return int(result.deleted_count)
 
+    # ---------------------------------------------------------- dashboard
+    # Reads for the web dashboard, and the guarded one-task actions it offers (cancel is above).
+
+    def list_filter(
+        self,
+        *,
+        state: str | None = None,
+        priority: int | None = None,
+        dedupe_key: str | None = None,
+        error_text: str | None = None,
+        task_id: Any = None,
+    ) -> dict[str, Any]:
+        """The selection of a task list: this class, with each given filter as an equality (error: a substring)."""
+        selector = self.scope()
+        if task_id is not None:
+            selector["_id"] = task_id
+        if state is not None:
+            selector["state"] = state
+        if priority is not None:
+            selector["priority"] = priority
+        if dedupe_key is not None:
+            selector["dedupe_key"] = dedupe_key
+        if error_text:
+            selector["error"] = {"$regex": re.escape(error_text), "$options": "i"}
+        return selector
+
+    def list_query(
+        self, selector: Mapping[str, Any], sort_name: str, after: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], list[tuple[str, int]], dict[str, Any]]:
+        """Filter, sort and hint of one keyset page: the rows strictly after ``after`` in the sort's order.
+
+        Each sort of ``LIST_SORTS`` is served by the index it names, so a page costs the same
+        at any depth: the position is carried in the filter, never skipped over.
+        """
+        sort, index, needs_state = LIST_SORTS[sort_name]
+        if needs_state and not isinstance(selector.get("state"), str):
+            raise ValueError(f"the {sort_name!r} order lists one state at a time")
+        query = dict(selector)
+        if after is not None:
+            # A rooted $or, one branch per sort key, each with the whole filter: every branch is
+            # one tight range of the index, already in the sort's order (merged, never sorted).
+            branches: list[dict[str, Any]] = []
+            for position, (name, direction) in enumerate(sort):
+                branch = {earlier: after[earlier] for earlier, _ in sort[:position]}
+                branch[name] = {"$lt" if direction == DESCENDING else "$gt": after[name]}
+                overlap = set(branch) & set(selector)
+                branches.append({"$and": [dict(selector), branch]} if overlap else dict(selector) | branch)
+            query = {"$or": branches}
+        # A partitioned class's claim index leads with the partition: the planner picks its own plan.
+        hint = {} if index == CLAIM_INDEX and self.partition_field is not None else driver.index_hint(self.raw, index)
+        return query, sort, hint
+
+    async def list_page(
+        self, selector: Mapping[str, Any], sort_name: str, after: Mapping[str, Any] | None, limit: int
+    ) -> list[dict[str, Any]]:
+        query, sort, hint = self.list_query(selector, sort_name, after)
+        cursor = self.collection.find(query, sort=sort, limit=limit, **hint)
+        return [row async for row in cursor]
+
+    async def explain_list(self, selector: Mapping[str, Any], sort_name: str, after: Mapping[str, Any] | None) -> Any:
+        """The server's plan for one list page (to prove it is index-backed)."""
+        query, sort, hint = self.list_query(selector, sort_name, after)
+        return await self.raw.find(query, sort=sort, limit=50, **hint).explain()
+
+    async def ended_per_minute(self, since: datetime) -> list[dict[str, Any]]:
+        """How many tasks FINISHED and FAILED in each UTC minute since ``since``, counted by the server
+        on ``bt_finished``: ``{"_id": {"minute": "YYYY-MM-DDTHH:MM", "state": ...}, "n": ...}``."""
+        match = self.scope() | {
+            "state": {"$in": [State.FINISHED.value, State.FAILED.value]},
+            "finished_at": {"$gte": since},
+        }
+        minute = {"$dateToString": {"format": "%Y-%m-%dT%H:%M", "date": "$finished_at"}}
+        group = {"$group": {"_id": {"minute": minute, "state": "$state"}, "n": {"$sum": 1}}}
+        return await driver.aggregate(self.collection, [{"$match": match}, group])
+
+    async def find_in_scope(self, task_id: Any, projection: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """One task of this class (a sibling class's task sharing the collection is not found)."""
+        found: dict[str, Any] | None = await self.collection.find_one(self.scope() | {"_id": task_id}, projection)
+        return found
+
+    async def count_ready(self, now: datetime) -> int:
+        """The ready backlog: CREATED and due (counted on ``bt_claim``)."""
+        return int(await self.collection.count_documents(self.claim_filter(now), **self._hint(None)))
+
+    async def running_page(self, limit: int) -> list[dict[str, Any]]:
+        projection = {"progress": 1, "progress_message": 1, "consumer_id": 1, "started_at": 1, "lease_expires_at": 1}
+        selector = self.scope() | {"state": State.RUNNING.value}
+        cursor = self.collection.find(selector, projection, sort=[("lease_expires_at", ASCENDING)], limit=limit)
+        return [row async for row in cursor]
+
+    async def requeue_one(self, task_id: Any, now: datetime) -> bool:
+        """Give one FAILED task a fresh set of attempts (the guard of ``requeue``, for one id).
+
+        False when it is not a requeueable FAILED task, or its ``dedupe_key`` is in flight again.
+        """
+        found = await self.collection.find_one(self.requeueable() | {"_id": task_id}, {"dedupe_key": 1})
+        if found is None:
+            return False
+        key = found.get("dedupe_key")
+        fields: dict[str, Any] = {
+            "state": State.CREATED.value,
+            "attempts": 0,
+            "run_at": now,
+            "finished_at": None,
+            "expires_at": None,
+            "lease_token": None,
+        }
+        if key is not None:
+            fields["dedupe_slot"] = key
+        try:
+            result = await self.collection.update_one(
+                self.requeueable() | {"_id": task_id, "dedupe_key": key}, {"$set": fields}
+            )
+        except DuplicateKeyError:
+            return False
+        return bool(result.modified_count)
+
+    async def run_now(self, task_id: Any, now: datetime) -> bool:
+        """Make a waiting task due now; one still waiting for its links runs as soon as they are met.
+
+        Only an unclaimed CREATED task moves, and never one parked by its concurrency key.
+        """
+        waiting = self.scope() | self.lease_guard(task_id, None) | {"limit_parked": {"$exists": False}}
+        if await self.update_guarded(waiting | {"dep_blocked": {"$exists": False}}, {"$set": {"run_at": now}}):
+            return True
+        return await self.update_guarded(waiting | {"dep_blocked": True}, {"$set": {"dep_run_at": now}})
+
+    async def set_priority(self, task_id: Any, priority: int) -> bool:
+        """Change the priority of a task that is still waiting (unclaimed CREATED)."""
+        return await self.update_guarded(
+            self.scope() | self.lease_guard(task_id, None), {"$set": {"priority": priority}}
+        )
+
+    async def delete_ended(self, task_id: Any) -> bool:
+        """Delete one task that ended and whose dependents were all told; a live task must be cancelled first."""
+        result = await self.collection.delete_one(
+            self.scope() | {"_id": task_id, "state": {"$in": TERMINAL}, "dependents_pending": {"$exists": False}}
+        )
+        return bool(result.deleted_count)
+
+    async def find_waiting_dependents(self, collection_name: str, task_id: Any, limit: int) -> list[dict[str, Any]]:
+        """Dependents in ``collection_name`` still waiting for ``task_id`` (served by ``bt_waiting``)."""
+        cursor = self.collection_named(collection_name).find(
+            {"dep_wait.i": task_id, "dep_blocked": True}, {"state": 1, "_class_id": 1}, limit=limit
+        )
+        return [row async for row in cursor]
+
     # ------------------------------------------------------- dependencies
 
     def collection_named(self, name: str) -> Any:
@@ -1302,6 +1467,10 @@ ENDING_CHANGES: list[dict[str, Any]] = [
 ]
 
 
+# Every change, reduced to its key: the dashboard's live refresh.
+ANY_CHANGES: list[dict[str, Any]] = [{"$project": {"documentKey": 1, "operationType": 1}}]
+
+
 # ------------------------------------------------------------------ waiting and schedules
 
 
@@ -1418,6 +1587,43 @@ class SyncStore:
             return_document=ReturnDocument.AFTER,
         )
         return found
+
+
+# ------------------------------------------------------------------ the worker registry
+
+
+def workers(database: Any) -> Any:
+    return driver.primary(database[WORKERS_COLLECTION])
+
+
+async def ensure_worker_index(database: Any) -> None:
+    await workers(database).create_indexes(
+        [IndexModel([("expires_at", ASCENDING)], name="bt_worker_expiry", expireAfterSeconds=0)]
+    )
+
+
+async def record_worker(database: Any, consumer_id: str, fields: Mapping[str, Any], keep_for: float) -> None:
+    """Upsert one worker's registry document; it expires ``keep_for`` seconds after its last refresh."""
+    now = clock.now(database[WORKERS_COLLECTION])
+    await workers(database).update_one(
+        {"_id": consumer_id},
+        {"$set": {**fields, "seen_at": now, "expires_at": now + timedelta(seconds=keep_for)}},
+        upsert=True,
+    )
+
+
+async def forget_worker(database: Any, consumer_id: str) -> None:
+    await workers(database).delete_one({"_id": consumer_id})
+
+
+async def recent_workers(database: Any, limit: int = 200) -> list[dict[str, Any]]:
+    cursor = workers(database).find({}, sort=[("seen_at", DESCENDING)], limit=limit)
+    return [row async for row in cursor]
+
+
+async def schedule_cursors(database: Any, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    cursor = driver.primary(database[SCHEDULES_COLLECTION]).find({"_id": {"$in": list(keys)}})
+    return {str(row["_id"]): row async for row in cursor}
 
 
 # ------------------------------------------------------------------ the registry

@@ -19,6 +19,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from typing import Any
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from beanie_tasks import clock
+from beanie_tasks import clock, store
 from beanie_tasks.acks import ACK_WINDOW, FinishBatcher
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled, TransitionError
@@ -340,6 +341,7 @@ class Worker:
             for wakeup in wakeups:
                 await wakeup.start()
             background.extend(self._start_schedules())
+            background.append(asyncio.create_task(self._keep_registered()))
             log.info(
                 "worker %s running %s with concurrency %d",
                 self.consumer_id,
@@ -364,6 +366,33 @@ class Worker:
     async def _follow(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self.stop()
+
+    async def _keep_registered(self) -> None:
+        """Keep this worker's registry document fresh, once per heartbeat interval, until the worker stops.
+
+        The dashboard lists workers from it; a worker that dies stops refreshing and its
+        document expires (TTL) a few intervals later. A stopping worker removes its own.
+        """
+        assert self._stopping is not None
+        every = min(c.task_options.heartbeat_every for c in self.task_classes)
+        database = self.task_classes[0].collection().database
+        fields = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "concurrency": self.concurrency,
+            "classes": [c.__name__ for c in self.task_classes],
+            "started_at": clock.now(self.task_classes[0].collection()),
+        }
+        with contextlib.suppress(PyMongoError):
+            await store.ensure_worker_index(database)
+        while not self._stopping.is_set():
+            try:
+                await store.record_worker(database, self.consumer_id, fields, keep_for=every * 3)
+            except PyMongoError as exc:
+                log.warning("worker %s: could not refresh its registry entry: %s", self.consumer_id, exc)
+            await self._until(self._stopping, every)
+        with contextlib.suppress(PyMongoError):
+            await store.forget_worker(database, self.consumer_id)
 
     def _wakeups(self) -> list[Wakeup]:
         collections: dict[str, Any] = {}

@@ -32,7 +32,11 @@ def test_make_demo_installs_the_demo_extra_into_its_own_venv() -> None:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     plan = subprocess.run(
-        ["make", "--no-print-directory", "--always-make", "--dry-run", "demo"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "--always-make", "--dry-run", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     installs = [line for line in plan.splitlines() if "pip install" in line and "--upgrade pip" not in line]
     assert len(installs) == 1, plan
