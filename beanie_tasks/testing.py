@@ -45,12 +45,19 @@ class CommandCounter(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+        self.targets: list[str] = []  # the collection each command named ("" when none)
         self.last: dict[str, Mapping[str, Any]] = {}
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name not in BACKGROUND_COMMANDS:
             self.commands.append(event.command_name)
+            target = event.command.get(event.command_name)
+            self.targets.append(target if isinstance(target, str) else "")
             self.last[event.command_name] = event.command
+
+    def on(self, collection: str) -> Counter[str]:
+        """The commands sent to one collection, by name."""
+        return Counter(name for name, target in zip(self.commands, self.targets, strict=True) if target == collection)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -60,6 +67,7 @@ class CommandCounter(monitoring.CommandListener):
 
     def reset(self) -> None:
         self.commands.clear()
+        self.targets.clear()
         self.last.clear()
 
     @property
