@@ -125,8 +125,8 @@ async def test_a_lone_task_costs_one_claim_and_one_finish(backend: Backend) -> N
     worker = Worker([Chore], concurrency=16)
     async with running(worker):
         await asyncio.sleep(0.5)  # idle now
-        task = await Chore(n=7).push()
         backend.counter.reset()
+        task = await Chore(n=7).push()
         await eventually(lambda: finished(Chore, 1), timeout=20)
         await asyncio.sleep(0.2)
         sent = backend.counter.on(Chore.collection().name)  # not the worker's registry refresh
