@@ -58,13 +58,19 @@ async def close_client(client: Any) -> None:
         await outcome
 
 
-async def open_change_stream(collection: Any, pipeline: list[dict[str, Any]]) -> Any | None:
-    """A change stream on ``collection``, or None where the server or the mock has none."""
+async def open_change_stream(
+    collection: Any, pipeline: list[dict[str, Any]], *, max_await: float | None = None
+) -> Any | None:
+    """A change stream on ``collection`` (or a database), or None where the server or the mock has none.
+
+    ``max_await`` bounds how long each ``getMore`` waits on the server for a change.
+    """
     watch = getattr(collection, "watch", None)
     if watch is None or not callable(watch):
         return None
+    options = {"max_await_time_ms": max(1, int(max_await * 1000))} if max_await is not None else {}
     try:
-        stream = watch(pipeline)
+        stream = watch(pipeline, **options)
         if inspect.isawaitable(stream):
             stream = await stream
     except (NotImplementedError, TypeError, AttributeError, OperationFailure):

@@ -86,7 +86,7 @@ from beanie_tasks.errors import NotConfigured, NotRegistered
 from beanie_tasks.limits import CANDIDATES_PER_ROUND, LIMITED_ROUNDS, LIMITS_COLLECTION, Grant, KeyBlocks, LimitPolicy
 from beanie_tasks.options import RateLimit, TaskOptions
 from beanie_tasks.redact import get_logger
-from beanie_tasks.states import IN_FLIGHT_STATES, TERMINAL_STATES, State, state_value
+from beanie_tasks.states import IN_FLIGHT_STATES, TERMINAL_STATES, Priority, State, state_value
 
 log = get_logger("beanie_tasks")
 
@@ -377,6 +377,21 @@ class Store:
             | self.scope()
             | {"state": State.CREATED.value, "state.0": {"$exists": False}, "run_at": {"$lte": now}}
         )
+
+    async def next_due(self, now: datetime, partition: Any = None) -> datetime | None:
+        """When this class's earliest waiting task falls due (after ``now``); None if none waits.
+
+        Read once each time a wake-up stream opens: the stream announces later due times
+        itself. ``priority`` is listed so the planner merges ``bt_claim`` scans per priority
+        in ``run_at`` order instead of sorting every waiting task.
+        """
+        selector = self.claim_filter(now, partition) | {
+            "priority": {"$in": [int(p) for p in Priority]},
+            "run_at": {"$gt": now, "$lt": clock.FAR_FUTURE},
+        }
+        row = await self.collection.find_one(selector, {"run_at": 1}, sort=[("run_at", ASCENDING)])
+        value = row.get("run_at") if row is not None else None
+        return clock.as_utc(value) if isinstance(value, datetime) else None
 
     def _claim_update(self, now: datetime, consumer_id: str, token: str) -> dict[str, Any]:
         return {
@@ -1434,18 +1449,28 @@ async def ensure_registered(collection: Any, dependency_id: Any, dependent_colle
 # ------------------------------------------------------------------ change streams
 # The wake-up streams ``wakeup`` opens (through ``driver.open_change_stream``).
 
-# Inserts, and updates that make a task claimable again (retry, release, unblocking).
-CLAIMABLE_CHANGES: list[dict[str, Any]] = [
-    {
-        "$match": {
-            "$or": [
-                {"operationType": "insert"},
-                {"updateDescription.updatedFields.state": "CREATED"},
-                {"updateDescription.updatedFields.run_at": {"$exists": True}},
-            ]
-        }
+
+def claimable_changes(collections: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Inserts, and updates that make a task claimable (retry, release, unblocking, unparking).
+
+    Only what a waiter reads is kept: the due time (``run_at``) of the inserted or updated
+    task, so an event never carries a payload. With ``collections`` the stream watches a
+    database and keeps the events of those collections only (one stream for every class).
+    """
+    claimable: dict[str, Any] = {
+        "$or": [
+            {"operationType": "insert"},
+            {"updateDescription.updatedFields.state": State.CREATED.value},
+            {"updateDescription.updatedFields.run_at": {"$exists": True}},
+        ]
     }
-]
+    if collections is not None:
+        claimable = {"ns.coll": {"$in": list(collections)}} | claimable
+    keep = {"operationType": 1, "ns": 1, "fullDocument.run_at": 1, "updateDescription.updatedFields.run_at": 1}
+    return [{"$match": claimable}, {"$project": keep}]
+
+
+CLAIMABLE_CHANGES: list[dict[str, Any]] = claimable_changes()
 
 
 # The changes that can end a task: an update that sets a terminal state, and anything but

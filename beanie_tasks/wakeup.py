@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import bson
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from beanie_tasks import clock
 from beanie_tasks.driver import open_change_stream, primary
 from beanie_tasks.redact import get_logger
 from beanie_tasks.store import CLAIMABLE_CHANGES, ENDING_CHANGES
@@ -35,6 +37,15 @@ def _consume_outcome(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+def due_announced(change: Mapping[str, Any]) -> datetime | None:
+    """The ``run_at`` a claimable change carries (an insert's document, an update that set it), if any."""
+    document = change.get("fullDocument") or change.get("updateDescription", {}).get("updatedFields") or {}
+    due = document.get("run_at") if isinstance(document, Mapping) else None
+    if not isinstance(due, datetime):
+        return None
+    return clock.as_utc(due)
+
+
 class Wakeup:
     """Sleeps until something worth a claim attempt happens, or a bounded time passes.
 
@@ -42,6 +53,12 @@ class Wakeup:
     after ``idle_timeout`` (so delayed tasks and expired leases are still noticed).
     Without one, it polls: the delay doubles from ``min_poll`` to ``max_poll`` while
     idle and drops back to ``min_poll`` whenever a claim succeeds.
+
+    Given ``now`` (the server's clock), a change that makes a task due only later (a
+    delayed push, a retry after backoff) does not wake the waiter: ``wait`` returns when
+    the earliest such due time arrives instead, so no claim is sent before it can
+    succeed. ``expect`` adds a due time learnt elsewhere (a probe after the stream opened).
+    ``max_await`` bounds each server-side wait of the stream (fewer idle ``getMore``).
     """
 
     def __init__(
@@ -53,8 +70,14 @@ class Wakeup:
         max_poll: float = 0.5,
         idle_timeout: float = 1.0,
         use_change_stream: bool = True,
+        max_await: float | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._collection = primary(collection)
+        self._max_await = max_await
+        self._now = now
+        self._due: datetime | None = None  # the earliest announced due time still ahead
+        self.opened = False  # set each time a stream opens: what was announced before it is unknown
         self._pipeline = pipeline if pipeline is not None else CLAIMABLE_CHANGES
         self._min_poll = min(min_poll, max_poll)
         self._max_poll = max_poll
@@ -75,7 +98,7 @@ class Wakeup:
         if not self._use_change_stream or self._watcher is not None:
             return
         try:
-            stream = await open_change_stream(self._collection, self._pipeline)
+            stream = await open_change_stream(self._collection, self._pipeline, max_await=self._max_await)
         except ConnectionFailure as exc:
             log.info("could not open a change stream (%s); polling until it can be reopened", type(exc).__name__)
             self._schedule_reopen()
@@ -85,6 +108,7 @@ class Wakeup:
             log.debug("no change stream on this server; polling with backoff")
             return
         self._streaming = True
+        self.opened = True
         self._watcher = asyncio.create_task(self._watch(stream))
 
     def _schedule_reopen(self) -> None:
@@ -93,8 +117,12 @@ class Wakeup:
     async def _watch(self, stream: Any) -> None:
         try:
             async with stream:
-                async for _change in stream:
-                    self._event.set()
+                async for change in stream:
+                    due = due_announced(change)
+                    if due is not None and self._now is not None and due > self._now():
+                        self.expect(due)  # claimable only later: wake then, not now
+                    else:
+                        self._event.set()
         except asyncio.CancelledError:
             raise
         except PyMongoError as exc:
@@ -107,11 +135,17 @@ class Wakeup:
         """Wake the waiter now (used by the process that pushed, and by stop signals)."""
         self._event.set()
 
+    def expect(self, due: datetime) -> None:
+        """A task becomes due at ``due``: ``wait`` returns by then."""
+        if self._due is None or due < self._due:
+            self._due = due
+
     def claimed(self) -> None:
         """A claim succeeded: poll eagerly again."""
         self._poll = self._min_poll
 
-    async def wait(self) -> None:
+    async def wait(self) -> bool:
+        """Wait for a change, a due time or the timeout; False when only the timeout passed."""
         if self._reopen_at is not None and asyncio.get_running_loop().time() >= self._reopen_at:
             # The stream died with the connection (a server restart, say): try again.
             self._watcher = None
@@ -119,9 +153,21 @@ class Wakeup:
         timeout = self._idle_timeout if self._streaming else self._poll
         if not self._streaming:
             self._poll = min(self._poll * 2, self._max_poll)
-        with contextlib.suppress(asyncio.TimeoutError):
+        elif self._due is not None and self._now is not None:
+            ahead = (self._due - self._now()).total_seconds()
+            if ahead <= 0:
+                self._due = None
+                return True  # a task announced earlier is due now
+            timeout = min(timeout, ahead)
+        try:
             await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            due = self._due is not None and self._now is not None and self._due <= self._now()
+            if due:
+                self._due = None
+            return due or not self._streaming  # a poll is always worth a claim
         self._event.clear()
+        return True
 
     async def close(self) -> None:
         """Stop watching, waiting a bounded time for the cursor to close.

@@ -66,6 +66,8 @@ from beanie_tasks.wakeup import Wakeup
 
 log = get_logger("beanie_tasks.worker")
 
+# The longest an idle wake-up stream's getMore waits on the server for a change.
+STREAM_MAX_AWAIT = 5.0
 # How long a drained task gets, after its run() was cancelled, to be released.
 RELEASE_TIMEOUT = 10.0
 # After stop, how long background jobs (schedules) get to end on their own.
@@ -202,6 +204,7 @@ class Worker:
         ]
         self._running: dict[asyncio.Task[None], _Running] = {}
         self._next_class = 0
+        self._wakeup_of: dict[str, Wakeup] = {}  # database name -> its wake-up stream
         # Whether the last claim round passed over a class for lack of room (its cap was reached).
         self._room_was_short = False
         # Classes with caps or limits: a task of theirs ending can free room for another at once.
@@ -395,16 +398,55 @@ class Worker:
             await store.forget_worker(database, self.consumer_id)
 
     def _wakeups(self) -> list[Wakeup]:
-        collections: dict[str, Any] = {}
+        """One wake-up stream per database, for every task collection in it (one ``getMore`` per
+        ``STREAM_MAX_AWAIT`` when idle, however many classes the worker runs)."""
+        by_database: dict[str, tuple[Any, list[str]]] = {}
         for task_class in self.task_classes:
             collection = task_class.collection()
-            collections.setdefault(f"{collection.database.name}.{collection.name}", collection)
+            database, names = by_database.setdefault(collection.database.name, (collection.database, []))
+            if collection.name not in names:
+                names.append(collection.name)
         poll = min(c.task_options.poll_interval for c in self.task_classes)
         recovery = min(c.task_options.recovery_interval for c in self.task_classes)
-        return [
-            Wakeup(c, max_poll=poll, idle_timeout=min(1.0, recovery), use_change_stream=self.use_change_stream)
-            for c in collections.values()
-        ]
+        now = self.task_classes[0].task_store().now
+        self._wakeup_of = {}
+        wakeups = []
+        for name, (database, collections) in by_database.items():
+            wakeup = Wakeup(
+                database,
+                pipeline=store.claimable_changes(collections),
+                max_poll=poll,
+                idle_timeout=recovery,
+                use_change_stream=self.use_change_stream,
+                max_await=min(STREAM_MAX_AWAIT, recovery),
+                now=now,
+            )
+            self._wakeup_of[name] = wakeup
+            wakeups.append(wakeup)
+        return wakeups
+
+    async def _learn_due_times(self, wakeups: list[Wakeup]) -> None:
+        """After a stream opened, read when each queue's earliest delayed task falls due (the
+        stream announces later ones): one ``find`` per queue, only then."""
+        opened = [w for w in wakeups if w.opened]
+        if not opened:
+            return
+        for wakeup in opened:
+            wakeup.opened = False
+        for task_class, partition in self._queues:
+            wakeup = self._wakeup_of[task_class.collection().database.name]
+            if wakeup not in opened:
+                continue
+            task_store = task_class.task_store()
+            try:
+                due = await task_store.next_due(task_store.now(), partition)
+            except PyMongoError as exc:  # without it the maintenance timer still bounds the wait
+                log.debug(
+                    "worker %s: could not read when %s is next due: %s", self.consumer_id, task_class.__name__, exc
+                )
+                continue
+            if due is not None:
+                wakeup.expect(due)
 
     def _start_schedules(self) -> list[asyncio.Task[Any]]:
         """Run ``beanie_tasks.schedule.run_schedules`` alongside, when that module provides it."""
@@ -439,6 +481,7 @@ class Worker:
         outage = Outage(f"worker {self.consumer_id}")
         next_maintenance = 0.0
         rounds = 0
+        quiet = False  # the last wait ended by the timer alone, every stream up: nothing became claimable
         self.ready = True
         while not self._stopping.is_set():
             self.last_tick = time.monotonic()
@@ -448,6 +491,12 @@ class Worker:
                     next_maintenance = loop.time() + min(c.task_options.recovery_interval for c in self.task_classes)
                     rounds += 1
                     await self._maintain(sweep=rounds % SWEEP_EVERY_RECOVERIES == 1)
+                    if quiet:
+                        # A stream would have announced anything claimable (recovery's own writes
+                        # included): wait again without a claim that cannot succeed.
+                        quiet = not await self._idle(wakeups, until=next_maintenance - loop.time())
+                        continue
+                quiet = False
                 if len(self._running) >= self.concurrency:
                     self._slot_freed.clear()
                     await self._until(self._slot_freed, timeout=next_maintenance - loop.time())
@@ -469,7 +518,9 @@ class Worker:
                 for wakeup in wakeups:
                     wakeup.claimed()
                 continue
-            await self._idle(wakeups, until=next_maintenance - loop.time())
+            await self._learn_due_times(wakeups)
+            woken = await self._idle(wakeups, until=next_maintenance - loop.time())
+            quiet = not woken and not self._limited and all(w.streaming for w in wakeups)
 
     async def _gather_free_slots(self) -> None:
         """On a backlog, let slots that free within one ack window gather, so one batch claim fills them.
@@ -495,7 +546,7 @@ class Worker:
         waiters.append(asyncio.ensure_future(self._stopping.wait()))
         await self._first_of(waiters, timeout)
 
-    async def _idle(self, wakeups: list[Wakeup], until: float) -> None:
+    async def _idle(self, wakeups: list[Wakeup], until: float) -> bool:
         """Sleep until a push or retry, a task ending (a free slot), a stop, a limit window ending,
         or the next maintenance round."""
         assert self._stopping is not None and self._slot_freed is not None
@@ -513,12 +564,16 @@ class Worker:
             # A task ending can make work claimable that no change event announces: a class
             # at its cap, a freed limit slot, or a dependent a poll would only see later.
             waiters.append(asyncio.ensure_future(self._slot_freed.wait()))
-        await self._first_of(waiters, timeout)
+        woken = await self._first_of(waiters, timeout)
+        # A stream that (re)opened may have missed changes while it was down: that counts as a wake.
+        return woken or any(w.opened for w in wakeups)
 
     @staticmethod
-    async def _first_of(waiters: list[asyncio.Future[Any]], timeout: float) -> None:
+    async def _first_of(waiters: list[asyncio.Future[Any]], timeout: float) -> bool:
+        """Wait for the first waiter; True if one reported a wake (not a timeout of its own)."""
         try:
-            await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            return any(not w.cancelled() and w.exception() is None and w.result() is not False for w in done)
         finally:
             for waiter in waiters:
                 waiter.cancel()

@@ -1,0 +1,106 @@
+"""An idle worker costs little: one change stream per database, no claim before a task can be claimed.
+
+The stream announces what becomes claimable, and when: a delayed push or a retry after
+backoff wakes the worker when it falls due, not when it is written. A task delayed
+before the worker started is found by one read when the stream opens. The maintenance
+timer still recovers expired leases, but a round with nothing new sends no claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+import pytest
+
+from beanie_tasks import State, Task, Worker
+from beanie_tasks.testing import eventually, running
+from tests.conftest import Backend
+
+
+class Started:
+    at: ClassVar[dict[str, float]] = {}
+
+
+class Ping(Task):
+    name: str = ""
+
+    async def run(self) -> None:
+        Started.at[self.name] = asyncio.get_running_loop().time()
+
+
+class Pong(Task):
+    async def run(self) -> None: ...
+
+
+class Elsewhere(Task):
+    class Settings:
+        name = "idle_elsewhere"
+
+    async def run(self) -> None: ...
+
+
+@pytest.fixture(autouse=True)
+async def models(init_tasks: Any) -> None:
+    Started.at = {}
+    await init_tasks(Ping, Pong, Elsewhere)
+
+
+def names(backend: Backend) -> dict[str, int]:
+    return dict(backend.counter.by_name())
+
+
+@pytest.mark.wire
+async def test_an_idle_worker_watches_one_stream_and_sends_no_claim(backend: Backend) -> None:
+    worker = Worker([Ping, Pong, Elsewhere], concurrency=4)
+    backend.counter.reset()
+    async with running(worker):
+        await asyncio.sleep(1.0)  # started: the stream is open and the first claims found nothing
+        opened = sum(
+            1 for name in backend.counter.commands if name == "aggregate"
+        )  # change streams open with an aggregate
+        backend.counter.reset()
+        await asyncio.sleep(6.0)
+        idle = names(backend)
+    assert opened == 1, f"expected one change stream for three classes in two collections, saw {opened}"
+    assert idle.get("findAndModify", 0) == 0, f"an idle worker claimed: {idle}"
+    # One getMore per STREAM_MAX_AWAIT, plus one maintenance round (update + find per class).
+    assert idle.get("getMore", 0) <= 3, idle
+
+
+@pytest.mark.wire
+async def test_a_delayed_push_wakes_the_worker_when_it_falls_due_not_before(backend: Backend) -> None:
+    loop = asyncio.get_running_loop()
+    async with running(Worker([Ping], concurrency=2)):
+        await asyncio.sleep(1.0)
+        backend.counter.reset()
+        pushed = loop.time()
+        await Ping(name="later").push(delay=2.0)
+        await asyncio.sleep(1.5)
+        early = names(backend)
+        await eventually(lambda: _finished(Ping, 1), timeout=10)
+    assert early.get("findAndModify", 0) == 0, f"the worker claimed before the task was due: {early}"
+    started = Started.at["later"] - pushed
+    assert 2.0 <= started < 3.5, f"the delayed task started {started:.2f} s after its push (due after 2 s)"
+
+
+@pytest.mark.wire
+async def test_a_task_delayed_before_the_worker_started_runs_when_due() -> None:
+    loop = asyncio.get_running_loop()
+    pushed = loop.time()
+    await Ping(name="waiting").push(delay=2.5)
+    async with running(Worker([Ping], concurrency=2)):
+        await eventually(lambda: _finished(Ping, 1), timeout=10)
+    started = Started.at["waiting"] - pushed
+    assert 2.5 <= started < 4.0, f"the delayed task started {started:.2f} s after its push (due after 2.5 s)"
+
+
+async def test_without_a_stream_the_worker_polls_and_still_runs_delayed_work() -> None:
+    await Ping(name="polled").push(delay=0.5)
+    async with running(Worker([Ping], concurrency=2, use_change_stream=False)):
+        await eventually(lambda: _finished(Ping, 1), timeout=10)
+    assert "polled" in Started.at
+
+
+async def _finished(task_class: type[Task], count: int) -> bool:
+    return bool((await task_class.counts())[State.FINISHED] == count)
