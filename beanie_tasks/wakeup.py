@@ -85,6 +85,7 @@ class Wakeup:
         self._use_change_stream = use_change_stream
         self._poll = self._min_poll
         self._event = asyncio.Event()
+        self._rearm = asyncio.Event()  # set when an earlier due time is learnt mid-wait
         self._watcher: asyncio.Task[None] | None = None
         self._streaming = False
         self._reopen_at: float | None = None
@@ -139,6 +140,7 @@ class Wakeup:
         """A task becomes due at ``due``: ``wait`` returns by then."""
         if self._due is None or due < self._due:
             self._due = due
+            self._rearm.set()  # a wait in progress works out its timeout again
 
     def claimed(self) -> None:
         """A claim succeeded: poll eagerly again."""
@@ -146,28 +148,41 @@ class Wakeup:
 
     async def wait(self) -> bool:
         """Wait for a change, a due time or the timeout; False when only the timeout passed."""
-        if self._reopen_at is not None and asyncio.get_running_loop().time() >= self._reopen_at:
+        loop = asyncio.get_running_loop()
+        if self._reopen_at is not None and loop.time() >= self._reopen_at:
             # The stream died with the connection (a server restart, say): try again.
             self._watcher = None
             await self.start()
-        timeout = self._idle_timeout if self._streaming else self._poll
         if not self._streaming:
-            self._poll = min(self._poll * 2, self._max_poll)
-        elif self._due is not None and self._now is not None:
-            ahead = (self._due - self._now()).total_seconds()
-            if ahead <= 0:
-                self._due = None
-                return True  # a task announced earlier is due now
-            timeout = min(timeout, ahead)
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            due = self._due is not None and self._now is not None and self._due <= self._now()
-            if due:
-                self._due = None
-            return due or not self._streaming  # a poll is always worth a claim
-        self._event.clear()
-        return True
+            timeout, self._poll = self._poll, min(self._poll * 2, self._max_poll)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+            self._event.clear()
+            return True  # a poll is always worth a claim
+        deadline = loop.time() + self._idle_timeout
+        while True:
+            timeout = deadline - loop.time()
+            if self._due is not None and self._now is not None:
+                ahead = (self._due - self._now()).total_seconds()
+                if ahead <= 0:
+                    self._due = None
+                    return True  # a task announced earlier is due now
+                timeout = min(timeout, ahead)
+            if timeout <= 0:
+                return False
+            self._rearm.clear()
+            changed = asyncio.ensure_future(self._event.wait())
+            rearmed = asyncio.ensure_future(self._rearm.wait())
+            try:
+                await asyncio.wait({changed, rearmed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                rearmed.cancel()
+                await asyncio.gather(changed, rearmed, return_exceptions=True)
+            if self._event.is_set():
+                self._event.clear()
+                return True
+            # A new, earlier due time (or only the timeout): work out the wait again.
 
     async def close(self) -> None:
         """Stop watching, waiting a bounded time for the cursor to close.
