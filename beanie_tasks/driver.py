@@ -52,6 +52,31 @@ def client_for(uri: str, **options: Any) -> Any:
         raise type(exc)(message) from None
 
 
+def async_twin_of(client: Any, **options: Any) -> Any:
+    """An async client (of the kind Beanie accepts) to the same servers, with the same settings, as
+    the PyMongo sync ``client`` an app handed over.
+
+    PyMongo keeps a client's constructor arguments (as its own ``_duplicate`` uses them) but
+    not its URI; this is the one place that reads them, so the difference stays here.
+    """
+    settings = getattr(client, "_init_kwargs", None)
+    if not isinstance(settings, dict):
+        raise TypeError(f"cannot tell which servers a {type(client).__name__} connects to; pass the URI instead")
+    arguments = {k: v for k, v in settings.items() if k not in ("document_class", "type_registry", "connect")}
+    host = arguments.pop("host", None)
+    port = arguments.pop("port", None)
+    arguments.update(options)
+    arguments["tz_aware"] = True
+    hosts = host if isinstance(host, str) or host is None else list(host)
+    if BEANIE_MAJOR >= 2:
+        from pymongo import AsyncMongoClient
+
+        return AsyncMongoClient(hosts, port, **arguments)
+    from motor.motor_asyncio import AsyncIOMotorClient
+
+    return AsyncIOMotorClient(hosts, port, **arguments)
+
+
 async def close_client(client: Any) -> None:
     outcome = client.close()
     if inspect.isawaitable(outcome):

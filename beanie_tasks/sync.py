@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from beanie import init_beanie
-from beanie.exceptions import CollectionWasNotInitialized
 from pymongo import MongoClient
+from pymongo.database import Database
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError, ServerSelectionTimeoutError
 
 from beanie_tasks import driver
@@ -39,34 +39,37 @@ from beanie_tasks.task import Task
 __all__ = ["close", "init"]
 
 _client: MongoClient[dict[str, Any]] | None = None
+_owned = False  # whether close() closes _client (made from a URI) or leaves it (the app's own)
 _lock = threading.Lock()
 
 
 def init(
-    uri: str,
+    uri_or_client: str | MongoClient[dict[str, Any]],
     document_models: Sequence[type[Task]],
     *,
     database: str | None = None,
     timeout: float = 10.0,
     **client_options: Any,
 ) -> None:
-    """Set up ``push_sync`` / ``wait_sync`` for ``document_models`` on the database ``uri`` names.
+    """Set up ``push_sync`` / ``wait_sync`` for ``document_models`` on the database ``uri_or_client`` names.
 
-    ``database`` overrides the database in the URI's path; ``client_options`` (TLS,
-    auth, pool sizes...) go to ``pymongo.MongoClient``. Calling it again replaces the
-    previous set-up. Every mistake is one ``NotConfigured`` line, without the password.
+    Give a URI (its path names the database, as for the CLI) or the app's own
+    ``pymongo.MongoClient`` (its default database, or ``database=``; ``close()`` leaves an
+    app's client open). ``database`` overrides the database; ``client_options`` (TLS,
+    auth, pool sizes...) go to the ``pymongo.MongoClient`` made from a URI. Calling it
+    again replaces the previous set-up. Every mistake is one ``NotConfigured`` line,
+    without the password.
     """
+    if isinstance(uri_or_client, MongoClient):
+        _init_with_client(uri_or_client, document_models, database=database, timeout=timeout)
+        return
+    uri = uri_or_client
     if not isinstance(uri, str):
         raise NotConfigured(
-            f"beanie_tasks.sync.init() takes a MongoDB URI naming the database (mongodb://host/DBNAME), "
-            f"not a {type(uri).__name__}"
+            "beanie_tasks.sync.init() takes a MongoDB URI naming the database (mongodb://host/DBNAME) "
+            f"or a pymongo.MongoClient, not a {type(uri).__name__}"
         )
-    models = list(document_models)
-    for model in models:
-        if not (isinstance(model, type) and issubclass(model, Task)):
-            raise NotConfigured(f"beanie_tasks.sync.init(): document_models must be Task subclasses, got {model!r}")
-    if not models:
-        raise NotConfigured("beanie_tasks.sync.init(): document_models is empty; name the task classes to push")
+    models = _checked_models(document_models)
     secrets = secrets_in(uri)
     client = _connect(uri, timeout, client_options, secrets)
     try:
@@ -77,43 +80,99 @@ def init(
                 f"beanie_tasks.sync.init(): the URI {redact_uri(uri)} names no database; "
                 "put one in its path (mongodb://host/DBNAME) or pass database="
             ) from None
-        _set_up_models(uri, name, models, timeout, client_options, secrets)
+
+        def async_client() -> Any:
+            millis = int(timeout * 1000)
+            return driver.client_for(uri, serverSelectionTimeoutMS=millis, connectTimeoutMS=millis, **client_options)
+
+        _install(
+            client, client[name], models, async_client, secrets, where=redact_uri(uri), timeout=timeout, owned=True
+        )
+    except BaseException:
+        client.close()
+        raise
+
+
+def _init_with_client(
+    client: MongoClient[dict[str, Any]], document_models: Sequence[type[Task]], *, database: str | None, timeout: float
+) -> None:
+    """``init`` with the app's own sync client: its servers and settings, left open by ``close()``."""
+    models = _checked_models(document_models)
+    try:
+        name = client.get_default_database(database).name
+    except ConfigurationError:
+        raise NotConfigured(
+            "beanie_tasks.sync.init(): the client names no default database; pass database= "
+            "(or create the client from a URI whose path names one)"
+        ) from None
+
+    def async_client() -> Any:
+        millis = int(timeout * 1000)
+        try:
+            return driver.async_twin_of(client, serverSelectionTimeoutMS=millis, connectTimeoutMS=millis)
+        except TypeError as exc:
+            raise NotConfigured(f"beanie_tasks.sync.init(): {exc}") from None
+
+    # Dates come back aware whatever the app's client was made with, as the queue compares them.
+    tasks_database = client.get_database(name, codec_options=client.codec_options.with_options(tz_aware=True))
+    _install(client, tasks_database, models, async_client, [], where=f"database {name!r}", timeout=timeout, owned=False)
+
+
+def _checked_models(document_models: Sequence[type[Task]]) -> list[type[Task]]:
+    models = list(document_models)
+    for model in models:
+        if not (isinstance(model, type) and issubclass(model, Task)):
+            raise NotConfigured(f"beanie_tasks.sync.init(): document_models must be Task subclasses, got {model!r}")
+    if not models:
+        raise NotConfigured("beanie_tasks.sync.init(): document_models is empty; name the task classes to push")
+    return models
+
+
+def _install(
+    client: MongoClient[dict[str, Any]],
+    tasks_database: Database[dict[str, Any]],
+    models: list[type[Task]],
+    async_client: Callable[[], Any],
+    secrets: list[str],
+    *,
+    where: str,
+    timeout: float,
+    owned: bool,
+) -> None:
+    """Set the classes up, build their sync stores and indexes, then make this set-up the current one."""
+    try:
+        _set_up_models(tasks_database.name, models, async_client, secrets)
         stores = {
-            model: storage.SyncStore(model.new_store(client[name][model.get_collection_name()])) for model in models
+            model: storage.SyncStore(model.new_store(tasks_database[model.get_collection_name()])) for model in models
         }
         next(iter(stores.values())).measure_clock()
         for sync_store in stores.values():
             sync_store.ensure_indexes()
     except ServerSelectionTimeoutError:
-        client.close()
-        raise NotConfigured(
-            f"beanie_tasks.sync.init(): cannot reach MongoDB at {redact_uri(uri)} within {timeout:g} s"
-        ) from None
+        raise NotConfigured(f"beanie_tasks.sync.init(): cannot reach MongoDB at {where} within {timeout:g} s") from None
     except OperationFailure as exc:
-        client.close()
         if exc.code == 18:
-            raise NotConfigured(f"beanie_tasks.sync.init(): authentication failed for {redact_uri(uri)}") from None
+            raise NotConfigured(f"beanie_tasks.sync.init(): authentication failed for {where}") from None
         raise NotConfigured(f"beanie_tasks.sync.init(): MongoDB refused: {scrub(str(exc), secrets)}") from None
-    except BaseException:
-        client.close()
-        raise
-    global _client
+    global _client, _owned
     with _lock:
-        previous, _client = _client, client
+        previous, previous_owned = _client, _owned
+        _client, _owned = client, owned
         storage.forget_sync()
         for model, sync_store in stores.items():
             storage.register_sync(model, sync_store)
-    if previous is not None:
+    if previous is not None and previous_owned and previous is not client:
         previous.close()
 
 
 def close() -> None:
-    """Close the sync client; ``push_sync`` needs ``init`` again afterwards."""
-    global _client
+    """Forget the set-up; a client made from a URI is closed (an app's own client stays open)."""
+    global _client, _owned
     with _lock:
-        previous, _client = _client, None
+        previous, owned = _client, _owned
+        _client, _owned = None, False
         storage.forget_sync()
-    if previous is not None:
+    if previous is not None and owned:
         previous.close()
 
 
@@ -128,9 +187,7 @@ def _connect(uri: str, timeout: float, options: dict[str, Any], secrets: list[st
         ) from None
 
 
-def _set_up_models(
-    uri: str, name: str, models: list[type[Task]], timeout: float, options: dict[str, Any], secrets: list[str]
-) -> None:
+def _set_up_models(name: str, models: list[type[Task]], async_client: Callable[[], Any], secrets: list[str]) -> None:
     """Run ``init_beanie`` for the classes Beanie has not set up in this process yet.
 
     Classes an async part of the app already set up are left alone: the sync producer
@@ -142,8 +199,7 @@ def _set_up_models(
     failure: list[BaseException] = []
 
     async def set_up() -> None:
-        millis = int(timeout * 1000)
-        client = driver.client_for(uri, serverSelectionTimeoutMS=millis, connectTimeoutMS=millis, **options)
+        client = async_client()
         try:
             await init_beanie(database=client[name], document_models=list(missing))
         finally:
@@ -161,14 +217,11 @@ def _set_up_models(
     thread.join()
     if failure:
         error = failure[0]
-        if isinstance(error, (ServerSelectionTimeoutError, OperationFailure)):
+        if isinstance(error, (ServerSelectionTimeoutError, OperationFailure, NotConfigured)):
             raise error
         raise NotConfigured(f"beanie_tasks.sync.init(): {scrub(str(error), secrets)}") from error
 
 
 def _is_set_up(model: type[Task]) -> bool:
-    try:
-        model.get_settings()
-    except CollectionWasNotInitialized:
-        return False
-    return True
+    """Whether ``init_beanie`` set up this very class (a subclass inherits its parent's Beanie settings)."""
+    return storage.is_registered(model)

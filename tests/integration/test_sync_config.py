@@ -21,6 +21,10 @@ class Pong(Task):
     pass
 
 
+class NeverSetUp(Task):
+    """Not given to init_beanie in this process: init() with a client sets it up."""
+
+
 @pytest.fixture(autouse=True)
 async def models(init_tasks: Any) -> Any:
     await init_tasks(Ping, Pong)
@@ -49,8 +53,10 @@ async def test_a_uri_without_a_database_is_refused_without_its_password() -> Non
 
 
 async def test_other_bad_arguments_are_refused() -> None:
-    with pytest.raises(NotConfigured, match="takes a MongoDB URI"):
-        beanie_tasks.sync.init(MongoClient(connect=False), document_models=[Ping])  # type: ignore[arg-type]
+    with pytest.raises(NotConfigured, match=r"takes a MongoDB URI naming the database .* or a pymongo\.MongoClient"):
+        beanie_tasks.sync.init(42, document_models=[Ping])  # type: ignore[arg-type]
+    with pytest.raises(NotConfigured, match="the client names no default database; pass database="):
+        beanie_tasks.sync.init(MongoClient("mongodb://127.0.0.1:1", connect=False), document_models=[Ping])
     with pytest.raises(NotConfigured, match="must be Task subclasses"):
         beanie_tasks.sync.init("mongodb://127.0.0.1:1/db", document_models=[dict])  # type: ignore[list-item]
     with pytest.raises(NotConfigured, match="document_models is empty"):
@@ -74,3 +80,21 @@ async def test_a_class_left_out_of_document_models_says_so(backend: Backend, db:
     with pytest.raises(NotConfigured) as caught:
         Pong().push_sync()
     assert "Pong is not in the document_models" in one_line(caught)
+
+
+@pytest.mark.wire
+async def test_the_apps_own_client_is_used_and_left_open(backend: Backend, db: Any) -> None:
+    """An app that already has a pymongo.MongoClient hands it over: pushes go through it, classes
+    the async side never set up are set up on the same servers, and close() leaves it open."""
+    assert backend.uri is not None
+    client: MongoClient[dict[str, Any]] = MongoClient(backend.uri)  # no tz_aware: the queue's reads still are
+    try:
+        beanie_tasks.sync.init(client, document_models=[Ping, NeverSetUp], database=db.name)
+        pushed = Ping().push_sync()
+        fresh = NeverSetUp().push_sync()
+        assert client[db.name]["Ping"].find_one({"_id": pushed.id}) is not None
+        assert client[db.name]["NeverSetUp"].find_one({"_id": fresh.id}) is not None
+        beanie_tasks.sync.close()
+        assert client.admin.command("ping")["ok"] == 1  # still open: it is the app's
+    finally:
+        client.close()
