@@ -442,16 +442,6 @@ def _trace(runner: Any) -> None:
 # ------------------------------------------------------------------ status
 
 
-def age(seconds: float) -> str:
-    """``95`` -> ``1m 35s``: short, for tables."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
-    return " ".join([*parts, f"{secs}s"][:2])
-
-
 async def oldest_ready(task_class: type[Task], now: datetime) -> datetime | None:
     return await task_class.task_store().oldest_ready(now)
 
@@ -498,7 +488,8 @@ def status(
     table.add_column("oldest ready", justify="right", min_width=len("oldest"))
     for row in rows:
         ready = row["oldest_ready_seconds"]
-        table.add_row(row["class"], *(str(row[s.value]) for s in State), age(ready) if ready is not None else "-")
+        oldest = clock.short_age(ready) if ready is not None else "-"
+        table.add_row(row["class"], *(str(row[s.value]) for s in State), oldest)
     print_whole(table)
     periodic = [row for row in rows if "schedule" in row]
     if periodic:

@@ -133,3 +133,13 @@ async def refresh(collection: Any) -> None:
     """Re-measure the offset when it is older than ``RESYNC_EVERY`` (no command otherwise)."""
     if is_stale(collection):
         await sync(collection)
+
+
+def short_age(seconds: float) -> str:
+    """``95`` -> ``1m 35s``: an age for tables (the CLI's status, the dashboard), its two largest units."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
+    return " ".join([*parts, f"{secs}s"][:2])

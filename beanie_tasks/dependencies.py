@@ -670,7 +670,8 @@ def _by_cause(rows: Sequence[Mapping[str, Any]]) -> dict[Any, list[Mapping[str, 
 
 def _store_for(collection: Any, document: Mapping[str, Any]) -> Store | None:
     """The registered store of the dependent's class: the most specific one that owns it."""
-    owners = [s for s in store.stores_in(str(collection.name)) if s.owns(document)]
+    owners = [s for s in store.stores_in(str(collection.name), collection.database) if s.owns(document)]
+    # The most specific class first; among equals, one on this very client (sorted() is stable).
     owners.sort(key=lambda s: len(str(s.scope())))
     return owners[0] if owners else None
 

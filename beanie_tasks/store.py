@@ -1162,19 +1162,9 @@ class Store:
         if found is None:
             return False
         key = found.get("dedupe_key")
-        fields: dict[str, Any] = {
-            "state": State.CREATED.value,
-            "attempts": 0,
-            "run_at": now,
-            "finished_at": None,
-            "expires_at": None,
-            "lease_token": None,
-        }
-        if key is not None:
-            fields["dedupe_slot"] = key
         try:
             result = await self.collection.update_one(
-                self.requeueable() | {"_id": task_id, "dedupe_key": key}, {"$set": fields}
+                self.requeueable() | {"_id": task_id, "dedupe_key": key}, self.requeue_update(now, key)
             )
         except DuplicateKeyError:
             return False
@@ -1690,8 +1680,14 @@ def is_registered(owner: type) -> bool:
     return owner in _stores
 
 
-def stores_in(collection_name: str) -> list[Store]:
-    return [s for s in _stores.values() if s.raw.name == collection_name]
+def stores_in(collection_name: str, database: Any = None) -> list[Store]:
+    """The registered stores on a collection; with ``database``, only those in that database, the
+    ones on its very client first (a process can hold classes registered on other clients)."""
+    found = [s for s in _stores.values() if s.raw.name == collection_name]
+    if database is None:
+        return found
+    here = [s for s in found if s.raw.database.name == database.name]
+    return sorted(here, key=lambda s: s.raw.database.client is not database.client)
 
 
 _sync_stores: weakref.WeakKeyDictionary[type, SyncStore] = weakref.WeakKeyDictionary()

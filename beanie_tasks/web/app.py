@@ -101,14 +101,7 @@ class Dashboard:
 
 
 def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
-    return " ".join([*parts, f"{secs}s"][:2])
+    return "-" if seconds is None else clock.short_age(seconds)
 
 
 def when(value: Any) -> str:

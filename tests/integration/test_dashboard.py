@@ -215,6 +215,7 @@ async def test_actions_use_the_guarded_operations(client: httpx.AsyncClient) -> 
     assert (await client.post(f"{url}/requeue", data={"csrf": token}, headers=hx)).status_code == 200
     requeued = await Mail.get(waiting.id)
     assert requeued is not None and requeued.state == State.CREATED and requeued.attempts == 0
+    assert requeued.error is None and requeued.last_error == "boom"  # as requeue-failed keeps it
     later = await Mail(to="later", run_at=requeued.created_at.replace(year=2100)).push()
     later_url, _ = await actions_page(client, later)
     assert (await client.post(f"{later_url}/run-now", data={"csrf": token}, headers=hx)).status_code == 200
