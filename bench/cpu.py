@@ -39,7 +39,7 @@ from beanie_tasks import Task, Worker
 from beanie_tasks.driver import client_for, close_client
 from beanie_tasks.store import CLAIM_INDEX, CLAIM_SORT, ENDED_PROJECTION
 from beanie_tasks.task import utcnow
-from beanie_tasks.testing import BACKGROUND_COMMANDS, CommandCounter
+from beanie_tasks.testing import BACKGROUND_COMMANDS, CommandCounter, eventually
 from bench.ours import bench_database, stored_form
 
 # Keys the driver adds to every command: sessions, cluster time, the database name.
@@ -193,7 +193,7 @@ async def raw_matches_library(uri: str) -> list[str]:
     ours, raw = sent["beanie-tasks"], sent["raw"]
     if [next(iter(c)) for c in ours] != [next(iter(c)) for c in raw]:
         return [f"commands: {[next(iter(c)) for c in ours]} vs {[next(iter(c)) for c in raw]}"]
-    for index, (mine, theirs) in enumerate(zip(ours, raw)):
+    for index, (mine, theirs) in enumerate(zip(ours, raw, strict=True)):
         found += differences(shape(mine), shape(theirs), f"{next(iter(mine))}#{index + 1}.")
     return found
 
@@ -324,8 +324,11 @@ async def drain_worker(uri: str, tasks: int, concurrency: int) -> Drain:
             started = fresh_start()
             await release_backlog(uri, db.name)
             await asyncio.wait_for(countdown.done.wait(), DRAIN_TIMEOUT)
-            while worker.stats["finished"] < tasks:  # the last finishes are in flight: a few milliseconds
-                await asyncio.sleep(0.001)
+
+            async def all_finished() -> bool:
+                return worker.stats["finished"] >= tasks
+
+            await eventually(all_finished, timeout=60, interval=0.001)  # the last finishes: a few milliseconds
             drain = Drain(cpu_per_task_us(started, tasks), counter.by_name(), tasks)
         finally:
             CpuJob.countdown = None
