@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 FLOOR = "raw driver floor"
 OPS = ("push", "claim", "finish", "fail")
 
+# Issue 14's targets: client CPU per task against the raw loop on the same documents and commands.
+CPU_TARGETS = {"push": 1.15, "pop_finish": 1.1}
+WORKER_CPU_TARGET = (16, 1.25)  # (concurrency, ratio to the raw claim + finish loop)
+BATCHED_COMMANDS_TARGET = 0.5  # commands per task at concurrency 16, with batched claims
+LEAN_COMMANDS_TARGET = 2.1  # commands per task while draining, with lean change streams
+IDLE_TARGET = 1.0  # commands per second, however many classes
+
 
 def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     head = list(header)
@@ -343,6 +350,165 @@ def links_section(results: Results) -> str:
     )
 
 
+def verdict(value: float, target: float) -> str:
+    return "met" if value <= target else "MISSED"
+
+
+def ratios(ours: list[float], raw: list[float]) -> Spread:
+    """Per-round ratios: each round's pair was measured back to back, so a noisy moment hits both."""
+    return Spread.of([mine / theirs for mine, theirs in zip(ours, raw, strict=False) if theirs])
+
+
+def microseconds(values: list[float]) -> str:
+    return Spread.of(values).show(0) if values else "-"
+
+
+def cpu_section(results: Results) -> str:
+    run = results.cpu
+    if not run:
+        return "## 8. Client CPU per task\n\nNot measured in this run."
+    rows = []
+    for key, label in (("push", "`push()`"), ("pop_finish", "`pop()` + `finish()`")):
+        pair = run[key]
+        ratio = ratios(pair["ours"], pair["raw"])
+        target = CPU_TARGETS[key]
+        rows.append(
+            [
+                label,
+                microseconds(pair["ours"]),
+                microseconds(pair["raw"]),
+                ratio.show(2) + "x",
+                f"{target:g}x",
+                verdict(ratio.median, target),
+            ]
+        )
+    target_c, target_ratio = WORKER_CPU_TARGET
+    for concurrency, pair in sorted(run.get("worker", {}).items()):
+        ratio = ratios(pair["ours"]["cpu_us"], pair["raw"]["cpu_us"])
+        has_target = int(concurrency) == target_c
+        rows.append(
+            [
+                f"`Worker`, concurrency {concurrency}, draining a backlog (raw: {concurrency} claim + finish loops)",
+                microseconds(pair["ours"]["cpu_us"]),
+                microseconds(pair["raw"]["cpu_us"]),
+                ratio.show(2) + "x",
+                f"{target_ratio:g}x" if has_target else "-",
+                verdict(ratio.median, target_ratio) if has_target else "-",
+            ]
+        )
+    raw_push = Spread.of(run["push"]["raw"]).median
+    raw_hot = Spread.of(run["pop_finish"]["raw"]).median
+    for name, peer in run.get("peers", {}).items():
+        for key, label, floor in (("push", "push", raw_push), ("claim_finish", "claim + finish", raw_hot)):
+            values = peer.get(key) or []
+            versus = f"{Spread.of(values).median / floor:.2f}x of our raw loop" if values else "-"
+            rows.append([f"{name}: {label} (Motor)", microseconds(values), "-", versus, "-", "-"])
+    mirror = run.get("mirror_differences")
+    if mirror:
+        mirror_text = "**The raw loop's commands differ from the library's**: " + "; ".join(mirror) + "."
+    else:
+        mirror_text = (
+            "Before timing, one claim + finish was sent each way and the commands compared field by field "
+            "(names and BSON types, values aside): the raw loop sends exactly the shape beanie-tasks sends."
+        )
+    return (
+        "## 8. Client CPU per task\n\n"
+        "CPU time of the client process only (`time.process_time()`; the server is a separate process), divided by "
+        f"the tasks: {run['rounds']} round(s) of {run['tasks']} tasks ({run['worker_tasks']} for the worker), "
+        "beanie-tasks and the raw PyMongo loop alternating (which goes first alternates too). Microseconds per task, "
+        "median (min-max) over the rounds; the ratio is the median (min-max) of each round's ratio. The raw push "
+        "inserts copies (fresh `_id`) of the very document `push()` stored; the raw claim + finish sends the same "
+        "`findAndModify` filter, sort, hint and fields as `beanie_tasks.store`'s claim and the same finish. The "
+        "worker drains a backlog released all at once after it has gone idle (start-up not counted); the raw row "
+        "runs C claim + finish coroutines over the same backlog. Peers run in their own environment (Motor, not "
+        "PyMongo's async client), measured the same way; their ratio is to our raw loop, so it includes the "
+        f"driver's difference. {mirror_text} Method: `docs/performance.md`.\n\n"
+        + table(["path", "beanie-tasks µs/task", "raw loop µs/task", "ratio", "target", "verdict"], rows)
+        + "\n\n"
+        + worker_commands_table(results)
+    )
+
+
+def by_name(counts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {number(count)}" for name, count in sorted(counts.items())) or "-"
+
+
+def worker_commands_table(results: Results) -> str:
+    rows = []
+    worker = results.cpu.get("worker", {})
+    for concurrency, pair in sorted(worker.items()):
+        ours, raw = pair["ours"]["commands_per_task"], pair["raw"]["commands_per_task"]
+        rows.append([concurrency, number(sum(ours.values())), by_name(ours), number(sum(raw.values())), by_name(raw)])
+    lines = ["Commands per task while draining (summed over the rounds, by name):", ""]
+    lines.append(table(["concurrency", "Worker", "Worker, by name", "raw loop", "raw loop, by name"], rows))
+    at16 = worker.get(16)
+    if at16:
+        total = sum(at16["ours"]["commands_per_task"].values())
+        lines += [
+            "",
+            f"Targets at concurrency 16: at most {BATCHED_COMMANDS_TARGET:g} commands per task with batched claims "
+            f"({number(total)}: {verdict(total, BATCHED_COMMANDS_TARGET)}); at most {LEAN_COMMANDS_TARGET:g} with "
+            f"lean change streams ({verdict(total, LEAN_COMMANDS_TARGET)}).",
+        ]
+    return "\n".join(lines)
+
+
+def idle_section(results: Results) -> str:
+    rows = []
+    for row in results.idle:
+        total = row["total_per_second"]
+        rows.append(
+            [
+                row["layout"],
+                row["classes"],
+                row["collections"],
+                f"{row['seconds']:.0f}",
+                number(total),
+                by_name(row["per_second"]),
+                verdict(total, IDLE_TARGET),
+            ]
+        )
+    return (
+        "## 9. Idle commands per second\n\n"
+        "A `Worker` with its defaults and nothing to do; its start-up is left out (counting starts once it has sent "
+        "nothing but getMores for a moment), then every command it sends is counted, by name. Four classes share "
+        "one collection through Beanie inheritance, or have a collection each. Target: at most "
+        f"{IDLE_TARGET:g} command per second, however many classes.\n\n"
+        + table(["worker runs", "classes", "collections", "seconds", "commands/s", "by name", "target"], rows)
+    )
+
+
+def milliseconds(seconds: list[float]) -> list[str]:
+    if not seconds:
+        return ["-", "-", "-", "0"]
+    lat = Latency.of(seconds)
+    return [f"{lat.p50 * 1000:.1f}", f"{lat.p95 * 1000:.1f}", f"{max(seconds) * 1000:.1f}", str(lat.samples)]
+
+
+def waiters_section(results: Results) -> str:
+    run = results.waiters
+    if not run:
+        return "## 10. A thousand concurrent `wait()` calls\n\nNot measured in this run."
+    phases = (
+        ("before the waiters (baseline)", "push_baseline"),
+        ("while the waiters start (each reads its task)", "push_while_starting"),
+        ("while they wait", "push_while_waiting"),
+        ("while they all wake up and read their tasks", "push_while_waking"),
+    )
+    rows = [[label, *milliseconds(run.get(key, []))] for label, key in phases]
+    return (
+        "## 10. A thousand concurrent `wait()` calls\n\n"
+        f"{run['waiters']:,} tasks, one `wait()` each, all at once, on one client with the default pool "
+        f"({run['pool']} connections); then one `update_many` ends every task. All returned "
+        f"**{run['all_returned_seconds']:.2f} s** after that update was sent "
+        f"(first {run['first_return_seconds']:.2f} s, median {run['median_return_seconds']:.2f} s). "
+        f"Start-up ({run['start_seconds']:.1f} s) sent "
+        f"{by_name(run['start_commands'])}; the end sent {by_name(run['end_commands'])} (the probe pushes' inserts "
+        "included). Meanwhile the same client pushed probe tasks to another collection, one after another: does "
+        "the pool stall them?\n\n" + table(["pushes made", "p50 ms", "p95 ms", "max ms", "pushes"], rows)
+    )
+
+
 def write_markdown(results: Results) -> str:
     server = results.server
     sections = ", ".join(f"{name} {seconds:.0f}" for name, seconds in results.section_seconds.items()) or "-"
@@ -365,8 +531,11 @@ def write_markdown(results: Results) -> str:
         throughput_section(results),
         latency_section(results),
         scaling_section(results),
-        links_section(results) if results.links else "",
+        links_section(results) if results.links else "## 7. Dependency fan-out and fan-in\n\nNot measured in this run.",
         memory_section(results),
+        cpu_section(results),
+        idle_section(results) if results.idle else "## 9. Idle commands per second\n\nNot measured in this run.",
+        waiters_section(results),
     ]
     if results.errors:
         parts.append("## Errors\n\n" + "\n".join(f"- {name}: {text}" for name, text in results.errors.items()))

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from beanie_tasks.embedded import EmbeddedServer
-from bench import ours, peers
+from bench import cpu, idle, ours, peers, waiters
 from bench.memory import measure_memory
 from bench.report import write_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("commands", "batch", "throughput", "latency", "scaling", "links", "memory")
+SECTIONS = ("commands", "batch", "cpu", "throughput", "latency", "scaling", "links", "idle", "waiters", "memory")
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,17 @@ class Sizes:
     # Fed to the worker in waves (bench/memory.py), so the collection stays small.
     memory_tasks: int = 10_000
     # Keeps `make bench` within its ~10 minutes on a loaded machine; a run cut short says so.
-    memory_budget_seconds: float = 360.0
+    memory_budget_seconds: float = 200.0
     memory_concurrency: int = 16
     # Dependency fan-out (dependents of one task) and fan-in (tasks one dependent waits for).
     link_fans: tuple[tuple[int, int], ...] = ((1_000, 100), (10_000, 1_000))
+    # Client CPU per task: rounds of ours and the raw loop, alternating; tasks per round.
+    cpu_rounds: int = 5
+    cpu_tasks: int = 100
+    cpu_worker_tasks: int = 100
+    idle_seconds: float = 10.0
+    waiters: int = 1_000
+    waiter_pushes: int = 20
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -59,6 +66,11 @@ class Sizes:
             memory_tasks=1_000,
             memory_budget_seconds=120.0,
             link_fans=((100, 100), (1_000, 1_000)),
+            cpu_rounds=2,
+            cpu_tasks=40,
+            cpu_worker_tasks=40,
+            idle_seconds=3.0,
+            waiter_pushes=10,
         )
 
 
@@ -78,6 +90,9 @@ class Results:
     scaling: list[dict[str, Any]] = field(default_factory=list)
     memory: Any = None
     links: list[dict[str, Any]] = field(default_factory=list)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    idle: list[dict[str, Any]] = field(default_factory=list)
+    waiters: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     section_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -219,6 +234,26 @@ async def run(args: argparse.Namespace) -> Results:
                 results.links.append(await ours.links_fan(uri, fan_out, fan_in))
                 progress.say(f"links: fan-out {fan_out}, fan-in {fan_in} done")
 
+        async def cpu_per_task() -> None:
+            results.cpu = await cpu.measure_cpu(
+                uri,
+                rounds=sizes.cpu_rounds,
+                tasks=sizes.cpu_tasks,
+                worker_tasks=sizes.cpu_worker_tasks,
+                concurrencies=sizes.concurrencies,
+                progress=progress.say,
+            )
+            results.cpu["peers"] = {}
+            for system, info in results.peers.items():
+                options = ("--tasks", str(sizes.cpu_tasks), "--rounds", str(sizes.cpu_rounds))
+                results.cpu["peers"][info["name"]] = await run_peer(system, "cpu", *options)
+
+        async def idle_commands() -> None:
+            results.idle = await idle.measure_idle(uri, sizes.idle_seconds)
+
+        async def many_waiters() -> None:
+            results.waiters = await waiters.measure_waiters(uri, sizes.waiters, sizes.waiter_pushes)
+
         async def memory() -> None:
             # A fresh bundled server: the history the earlier sections leave behind slows the shared one for a
             # worker watching a change stream (about half the rate in our runs). MONGODB_URI is used as it is.
@@ -233,10 +268,13 @@ async def run(args: argparse.Namespace) -> Results:
         work = {
             "commands": commands,
             "batch": batch,
+            "cpu": cpu_per_task,
             "throughput": throughput,
             "latency": latency,
             "scaling": scaling,
             "links": links,
+            "idle": idle_commands,
+            "waiters": many_waiters,
             "memory": memory,
         }
         for name in SECTIONS:
@@ -265,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         "--memory-tasks", type=int, help="tasks the memory run works through (default 10,000; 1,000 quick)"
     )
     parser.add_argument(
-        "--memory-budget", type=float, help="seconds after which the memory run stops early (default 360; 120 quick)"
+        "--memory-budget", type=float, help="seconds after which the memory run stops early (default 200; 120 quick)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md and latest.png go")
     args = parser.parse_args(argv)
