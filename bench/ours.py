@@ -365,7 +365,8 @@ def plan_summary(explain: dict[str, Any]) -> dict[str, Any]:
 
 def stored_form(task: Task) -> dict[str, Any]:
     """The document ``push()`` would store, for seeding big queues with one ``insert_many`` per chunk."""
-    return get_dict(task, to_db=True, keep_nulls=True) | {"_id": ObjectId()}
+    document: dict[str, Any] = get_dict(task, to_db=True, keep_nulls=True)
+    return document | {"_id": ObjectId()}
 
 
 async def scaling(uri: str, queued: int, claims: int) -> dict[str, Any]:
