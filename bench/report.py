@@ -558,7 +558,9 @@ def write_plot(results: Results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    panels = 3 if results.cpu else 2
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5))
+    left, right = axes[0], axes[1]
     systems = list(results.throughput)
     concurrencies = results.sizes.concurrencies
     width = 0.8 / max(len(systems), 1)
@@ -589,6 +591,8 @@ def write_plot(results: Results, path: Path) -> None:
     right.set_title("Enqueue-to-start latency")
     if names:
         right.legend(fontsize=8)
+    if results.cpu:
+        plot_cpu(axes[2], results)
     figure.suptitle(
         f"beanie-tasks and peers on {results.server.get('label')} ({results.mode} run, {results.machine.get('date')})",
         fontsize=10,
@@ -596,6 +600,29 @@ def write_plot(results: Results, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_cpu(axis: Any, results: Results) -> None:
+    """Client CPU per task, beanie-tasks beside the raw loop, for each path (medians, min-max)."""
+    run = results.cpu
+    paths: list[tuple[str, list[float], list[float]]] = [("push", run["push"]["ours"], run["push"]["raw"])]
+    paths.append(("pop + finish", run["pop_finish"]["ours"], run["pop_finish"]["raw"]))
+    for concurrency, pair in sorted(run.get("worker", {}).items()):
+        paths.append((f"Worker C={concurrency}", pair["ours"]["cpu_us"], pair["raw"]["cpu_us"]))
+    for offset, label in enumerate(("beanie-tasks", "raw PyMongo loop")):
+        spreads = [Spread.of(path[1] if offset == 0 else path[2]) for path in paths]
+        axis.bar(
+            [i + offset * 0.4 for i in range(len(paths))],
+            [s.median for s in spreads],
+            0.4,
+            yerr=[[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]],
+            capsize=2,
+            label=label,
+        )
+    axis.set_xticks([i + 0.2 for i in range(len(paths))], [path[0] for path in paths], fontsize=8)
+    axis.set_ylabel("µs of client CPU per task (median, min-max)")
+    axis.set_title("Client CPU per task")
+    axis.legend(fontsize=8)
 
 
 def write_report(results: Results, out: Path) -> tuple[Path, Path]:
