@@ -431,8 +431,9 @@ def cpu_section(results: Results) -> str:
         "`findAndModify` filter, sort, hint and fields as `beanie_tasks.store`'s claim and the same finish. The "
         "worker drains a backlog released all at once after it has gone idle (start-up not counted); the raw row "
         "runs C claim + finish coroutines over the same backlog. Peers run in their own environment (Motor, not "
-        "PyMongo's async client), measured the same way; their ratio is to our raw loop, so it includes the "
-        f"driver's difference. {mirror_text} Method: `docs/performance.md`.\n\n"
+        f"PyMongo's async client), measured the same way ({run.get('peer_rounds', run['rounds'])} rounds of "
+        f"{run['tasks']} tasks each); their ratio is to our raw loop, so it includes the driver's difference. "
+        f"{mirror_text} Method: `docs/performance.md`.\n\n"
         + table(["path", "beanie-tasks µs/task", "raw loop µs/task", "ratio", "target", "verdict"], rows)
         + "\n\n"
         + worker_commands_table(results)
