@@ -198,32 +198,45 @@ async def raw_matches_library(uri: str) -> list[str]:
     return found
 
 
-# ------------------------------------------------------------------ push
+# ------------------------------------------------- push, pop + finish
+
+# Tasks per chunk: within a round the two sides alternate chunk by chunk, in one database,
+# so a burst of load on the machine (seconds long) lands on both sides alike.
+CHUNK = 10
+
+Action = Callable[[], Awaitable[Any]]
 
 
-async def push_ours(uri: str, tasks: int) -> float:
+async def interleaved(tasks: int, ours: Action, raw: Action) -> tuple[float, float]:
+    """``tasks`` of each side in alternating chunks (which goes first alternates too); µs of CPU per task each."""
+    spent = {"ours": 0.0, "raw": 0.0}
+    fresh_start()
+    for chunk, first in enumerate(range(0, tasks, CHUNK)):
+        size = min(CHUNK, tasks - first)
+        sides = (("ours", ours), ("raw", raw)) if chunk % 2 == 0 else (("raw", raw), ("ours", ours))
+        for side, action in sides:
+            started = time.process_time()
+            for _ in range(size):
+                await action()
+            spent[side] += time.process_time() - started
+    return spent["ours"] / tasks * 1e6, spent["raw"] / tasks * 1e6
+
+
+async def push_round(uri: str, tasks: int) -> tuple[float, float]:
+    """``push()`` against ``insert_one`` of a copy of the very document ``push()`` stored."""
     async with bench_database(uri) as db:
         await init_beanie(database=db, document_models=[CpuJob])
         await CpuJob().push()  # the first push opens the connection
-        started = fresh_start()
-        for _ in range(tasks):
-            await CpuJob().push()
-        return cpu_per_task_us(started, tasks)
-
-
-async def push_raw(uri: str, tasks: int) -> float:
-    async with bench_database(uri) as db:
-        await init_beanie(database=db, document_models=[CpuJob])
-        await CpuJob().push()
         collection = db[CpuJob.get_collection_name()]
-        stored = await collection.find_one()  # the very document push() stored
-        started = fresh_start()
-        for _ in range(tasks):
+        stored = await collection.find_one()
+
+        async def ours() -> None:
+            await CpuJob().push()
+
+        async def raw() -> None:
             await collection.insert_one(stored | {"_id": ObjectId()})
-        return cpu_per_task_us(started, tasks)
 
-
-# ------------------------------------------------------------ pop + finish
+        return await interleaved(tasks, ours, raw)
 
 
 async def backlog(tasks: int, *, run_at: datetime | None = None) -> None:
@@ -232,33 +245,28 @@ async def backlog(tasks: int, *, run_at: datetime | None = None) -> None:
     await CpuJob.collection().insert_many([stored_form(CpuJob(run_at=due, max_attempts=1)) for _ in range(tasks)])
 
 
-async def pop_finish_ours(uri: str, tasks: int) -> float:
+async def pop_finish_round(uri: str, tasks: int) -> tuple[float, float]:
+    """``pop()`` + ``finish()`` against the raw claim + finish, both drawing on one backlog."""
     async with bench_database(uri) as db:
         await init_beanie(database=db, document_models=[CpuJob])
-        await backlog(tasks + 1)
+        await backlog(2 * tasks + 2)
+        collection = db[CpuJob.get_collection_name()]
         first = await CpuJob.pop()  # warm: the connection, the first model validation
         assert first is not None
         await first.finish()
-        started = fresh_start()
-        for _ in range(tasks):
+        await raw_claim_and_finish(collection, "raw")
+
+        async def ours() -> None:
             task = await CpuJob.pop()
             if task is None:
                 raise RuntimeError("the backlog ran out")
             await task.finish()
-        return cpu_per_task_us(started, tasks)
 
-
-async def pop_finish_raw(uri: str, tasks: int) -> float:
-    async with bench_database(uri) as db:
-        await init_beanie(database=db, document_models=[CpuJob])
-        await backlog(tasks + 1)
-        collection = db[CpuJob.get_collection_name()]
-        await raw_claim_and_finish(collection, "raw")
-        started = fresh_start()
-        for _ in range(tasks):
+        async def raw() -> None:
             if not await raw_claim_and_finish(collection, "raw"):
                 raise RuntimeError("the backlog ran out")
-        return cpu_per_task_us(started, tasks)
+
+        return await interleaved(tasks, ours, raw)
 
 
 # ------------------------------------------------------------------ drains
@@ -364,10 +372,7 @@ async def drain_raw(uri: str, tasks: int, concurrency: int) -> Drain:
 # ------------------------------------------------------------------ rounds
 
 
-Measure = Callable[[], Awaitable[Any]]
-
-
-async def alternate(rounds: int, ours: Measure, raw: Measure) -> tuple[list[Any], list[Any]]:
+async def alternate(rounds: int, ours: Action, raw: Action) -> tuple[list[Any], list[Any]]:
     """``rounds`` of each, alternating which goes first, so a noisy moment or a warm cache favours neither."""
     mine: list[Any] = []
     theirs: list[Any] = []
@@ -405,11 +410,11 @@ async def measure_cpu(
     """Every CPU-per-task comparison; lists hold one figure per round (µs of client CPU per task)."""
     out: dict[str, Any] = {"rounds": rounds, "tasks": tasks, "worker_tasks": worker_tasks}
     out["mirror_differences"] = await raw_matches_library(uri)
-    ours, raw = await alternate(rounds, lambda: push_ours(uri, tasks), lambda: push_raw(uri, tasks))
-    out["push"] = {"ours": ours, "raw": raw}
+    pairs = [await push_round(uri, tasks) for _ in range(rounds)]
+    out["push"] = {"ours": [mine for mine, _ in pairs], "raw": [theirs for _, theirs in pairs]}
     progress("cpu: push done")
-    ours, raw = await alternate(rounds, lambda: pop_finish_ours(uri, tasks), lambda: pop_finish_raw(uri, tasks))
-    out["pop_finish"] = {"ours": ours, "raw": raw}
+    pairs = [await pop_finish_round(uri, tasks) for _ in range(rounds)]
+    out["pop_finish"] = {"ours": [mine for mine, _ in pairs], "raw": [theirs for _, theirs in pairs]}
     progress("cpu: pop + finish done")
     out["worker"] = {}
     for concurrency in concurrencies:

@@ -426,7 +426,8 @@ def cpu_section(results: Results) -> str:
         "CPU time of the client process only (`time.process_time()`; the server is a separate process), divided by "
         f"the tasks: {run['rounds']} round(s) of {run['tasks']} tasks ({run['worker_tasks']} for the worker), "
         "beanie-tasks and the raw PyMongo loop alternating (which goes first alternates too). Microseconds per task, "
-        "median (min-max) over the rounds; the ratio is the median (min-max) of each round's ratio. The raw push "
+        "median (min-max) over the rounds; the ratio is the median (min-max) of each round's ratio. Within a round, "
+        "push and pop + finish alternate with their raw loop in chunks of 10 tasks, in one database. The raw push "
         "inserts copies (fresh `_id`) of the very document `push()` stored; the raw claim + finish sends the same "
         "`findAndModify` filter, sort, hint and fields as `beanie_tasks.store`'s claim and the same finish. The "
         "worker drains a backlog released all at once after it has gone idle (start-up not counted); the raw row "
@@ -512,7 +513,8 @@ def waiters_section(results: Results) -> str:
         f"{run['waiters']:,} tasks, one `wait()` each, all at once, on one client with the default pool "
         f"({run['pool']} connections); then one `update_many` ends every task. All returned "
         f"**{run['all_returned_seconds']:.2f} s** after that update was sent "
-        f"(first {run['first_return_seconds']:.2f} s, median {run['median_return_seconds']:.2f} s). "
+        f"(first {run['first_return_seconds']:.2f} s, median {run['median_return_seconds']:.2f} s; the update "
+        f"itself took {run['end_update_seconds']:.2f} s). "
         f"Start-up ({run['start_seconds']:.1f} s) sent "
         f"{by_name(run['start_commands'])}; the end sent {by_name(run['end_commands'])} (the probe pushes' inserts "
         "included). Meanwhile the same client pushed probe tasks to another collection, one after another: does "
@@ -542,8 +544,8 @@ def write_markdown(results: Results) -> str:
         throughput_section(results),
         latency_section(results),
         scaling_section(results),
-        links_section(results) if results.links else "## 7. Dependency fan-out and fan-in\n\nNot measured in this run.",
         memory_section(results),
+        links_section(results) if results.links else "## 7. Dependency fan-out and fan-in\n\nNot measured in this run.",
         cpu_section(results),
         idle_section(results) if results.idle else "## 9. Idle commands per second\n\nNot measured in this run.",
         waiters_section(results),

@@ -92,6 +92,7 @@ async def measure_waiters(uri: str, waiters: int, pushes: int) -> dict[str, Any]
             {"state": State.CREATED.value},
             {"$set": {"state": State.FINISHED.value, "finished_at": now, "result": None}},
         )
+        out["end_update_seconds"] = time.perf_counter() - ended
         try:
             await asyncio.wait_for(asyncio.gather(*jobs), WAIT_TIMEOUT)
         finally:

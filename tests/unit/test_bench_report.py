@@ -65,6 +65,7 @@ def fake_results() -> Results:
         "first_return_seconds": 1.6,
         "all_returned_seconds": 2.2,
         "median_return_seconds": 1.9,
+        "end_update_seconds": 0.4,
     }
     results.links = [
         {
@@ -127,8 +128,10 @@ def test_idle_and_waiters_and_links_sections_render_with_their_targets() -> None
     assert "| 4 classes, 4 collections | 4 | 4 | 3 | 0.50 | getMore 0.50 | met |" in idle
     waiting = section(markdown, "## 10. A thousand concurrent `wait()` calls")
     assert "1,000 tasks" in waiting and "**2.20 s**" in waiting and "(100 connections)" in waiting
+    assert "the update itself took 0.40 s" in waiting
     assert "| while the waiters start (each reads its task) | 50.0 | 300.0 | 300.0 | 2 |" in waiting
     assert "## 7. Dependency fan-out and fan-in" in markdown and "| 100 | 3 |" in markdown
+    assert markdown.index("## 6. Memory") < markdown.index("## 7. Dependency") < markdown.index("## 8. Client")
 
 
 def test_sections_left_out_of_a_run_say_so() -> None:
