@@ -7,7 +7,8 @@ nothing from beanie_tasks or the bench package and prints one JSON object.
     python bench/peer_workloads.py SYSTEM WORKLOAD URI [--tasks N] [--concurrency C] [--samples S]
 
 SYSTEM is ``bbq`` (beanie-batteries-queue) or ``mongotq`` (mongo-taskqueue); WORKLOAD is
-``info``, ``commands``, ``throughput`` or ``latency``.
+``info``, ``commands``, ``throughput``, ``latency`` or ``cpu`` (client CPU per task of
+push and of claim + finish, in µs, ``--rounds`` rounds of ``--tasks`` tasks).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib.metadata
 import inspect
 import json
@@ -243,16 +245,45 @@ async def latency(system: Any, samples: int, seed: int) -> dict[str, Any]:
     return {"seconds": delays}
 
 
+async def cpu(kind: Any, uri: str, tasks: int, rounds: int) -> dict[str, Any]:
+    """Client CPU per task (this process only, ``time.process_time``), as bench/cpu.py counts beanie-tasks'."""
+    per_round: dict[str, list[float]] = {"push": [], "claim_finish": []}
+    # One instance for every round: beanie-batteries-queue's model cannot be set up twice in one process.
+    system = kind(uri, Counting())
+    await system.setup()
+    try:
+        await system.push()  # warm: the connection, the first model
+        await system.finish(await system.claim())
+        for _ in range(rounds):
+            gc.collect()
+            started = time.process_time()
+            for _ in range(tasks):
+                await system.push()
+            per_round["push"].append((time.process_time() - started) / tasks * 1e6)
+            gc.collect()
+            started = time.process_time()
+            for _ in range(tasks):
+                task = await system.claim()
+                if task is None:
+                    raise RuntimeError("the backlog ran out")
+                await system.finish(task)
+            per_round["claim_finish"].append((time.process_time() - started) / tasks * 1e6)
+    finally:
+        await system.close()
+    return per_round
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("system", choices=sorted(SYSTEMS))
-    parser.add_argument("workload", choices=["info", "commands", "throughput", "latency"])
+    parser.add_argument("workload", choices=["info", "commands", "throughput", "latency", "cpu"])
     parser.add_argument("uri")
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     kind = SYSTEMS[args.system]
     if args.workload == "info":
@@ -261,6 +292,9 @@ async def main() -> None:
                 {"name": kind.name, "version": importlib.metadata.version(kind.package), "poll": kind.default_poll()}
             )
         )
+        return
+    if args.workload == "cpu":
+        print(json.dumps(await cpu(kind, args.uri, args.tasks, args.rounds)))
         return
     listener = Counting()
     system = kind(args.uri, listener)

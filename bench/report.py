@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 FLOOR = "raw driver floor"
 OPS = ("push", "claim", "finish", "fail")
 
+# Issue 14's targets: client CPU per task against the raw loop on the same documents and commands.
+CPU_TARGETS = {"push": 1.15, "pop_finish": 1.1}
+WORKER_CPU_TARGET = (16, 1.25)  # (concurrency, ratio to the raw claim + finish loop)
+BATCHED_COMMANDS_TARGET = 0.5  # commands per task at concurrency 16, with batched claims
+LEAN_COMMANDS_TARGET = 2.1  # commands per task while draining, with lean change streams
+IDLE_TARGET = 1.0  # commands per second, however many classes
+
 
 def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     head = list(header)
@@ -325,7 +332,10 @@ def links_section(results: Results) -> str:
         "## 7. Dependency fan-out and fan-in\n\n"
         "Fan-out: N dependents of one task, each pushed (find + insert + registration), then the one task finished "
         "(its finisher tells every dependent, page by page). Fan-in: one dependent of N tasks, pushed, then the N "
-        f"finished one by one. A dependent may wait for at most {limit} tasks; more is refused at push.\n\n"
+        f"finished one by one (claimed beforehand in batches, not counted: the finishes are what is measured). A "
+        f"dependent may wait for at most {limit} tasks; more is refused at push. `make bench` runs the sizes below; "
+        "`python -m bench --only links --links-large` runs fan-outs of 1,000 and 10,000 and fan-ins of 1,000 "
+        "(most of an hour on the bundled server, which scans).\n\n"
         + table(
             [
                 "fan-out",
@@ -350,7 +360,7 @@ PUSH_MANY_TARGET = 0.01
 def push_many_section(results: Results) -> str:
     run = results.push_many
     if not run:
-        return "## 8. Bulk push (`push_many`)\n\nNot measured in this run."
+        return "## 11. Bulk push (`push_many`)\n\nNot measured in this run."
     micros = {
         name: Spread.of([seconds * 1e6 for seconds in run[name]]) for name in run if name.endswith(("cpu", "wall"))
     }
@@ -364,7 +374,7 @@ def push_many_section(results: Results) -> str:
     ]  # fmt: skip
     met = "met" if run["commands_per_task"] <= PUSH_MANY_TARGET else "MISSED"
     return (
-        "## 8. Bulk push (`push_many`)\n\n"
+        "## 11. Bulk push (`push_many`)\n\n"
         f"{run['tasks']:,} independent tasks pushed with one `push_many` call (one unordered `insert_many` per chunk "
         "of 1,000), then the very documents it stored inserted again, with fresh ids, by a raw PyMongo "
         "`insert_many` into a collection of their own with the same indexes; median (min-max) of "
@@ -376,6 +386,175 @@ def push_many_section(results: Results) -> str:
         + table(["system", "commands / task", "client CPU µs / task", "wall µs / task", "CPU vs raw"], rows)
         + f"\n\nTarget: at most {PUSH_MANY_TARGET:g} commands per task for 1,000 independent tasks: "
         f"{run['commands_per_task']:.3f}, {met}."
+    )
+
+
+def verdict(value: float, target: float) -> str:
+    return "met" if value <= target else "MISSED"
+
+
+def ratios(ours: list[float], raw: list[float]) -> Spread:
+    """Per-round ratios: each round's pair was measured back to back, so a noisy moment hits both."""
+    return Spread.of([mine / theirs for mine, theirs in zip(ours, raw, strict=False) if theirs])
+
+
+def times(ratio: Spread) -> str:
+    """``1.25x (1.20-1.30)``: the median ratio, then the spread of the rounds."""
+    if ratio.runs == 1 or ratio.low == ratio.high:
+        return f"{ratio.median:.2f}x"
+    return f"{ratio.median:.2f}x ({ratio.low:.2f}-{ratio.high:.2f})"
+
+
+def microseconds(values: list[float]) -> str:
+    return Spread.of(values).show(0) if values else "-"
+
+
+def cpu_section(results: Results) -> str:
+    run = results.cpu
+    if not run:
+        return "## 8. Client CPU per task\n\nNot measured in this run."
+    rows = []
+    for key, label in (("push", "`push()`"), ("pop_finish", "`pop()` + `finish()`")):
+        pair = run[key]
+        ratio = ratios(pair["ours"], pair["raw"])
+        target = CPU_TARGETS[key]
+        rows.append(
+            [
+                label,
+                microseconds(pair["ours"]),
+                microseconds(pair["raw"]),
+                times(ratio),
+                f"{target:g}x",
+                verdict(ratio.median, target),
+            ]
+        )
+    target_c, target_ratio = WORKER_CPU_TARGET
+    for concurrency, pair in sorted(run.get("worker", {}).items()):
+        ratio = ratios(pair["ours"]["cpu_us"], pair["raw"]["cpu_us"])
+        has_target = int(concurrency) == target_c
+        rows.append(
+            [
+                f"`Worker`, concurrency {concurrency}, draining a backlog (raw: {concurrency} claim + finish loops)",
+                microseconds(pair["ours"]["cpu_us"]),
+                microseconds(pair["raw"]["cpu_us"]),
+                times(ratio),
+                f"{target_ratio:g}x" if has_target else "-",
+                verdict(ratio.median, target_ratio) if has_target else "-",
+            ]
+        )
+    raw_push = Spread.of(run["push"]["raw"]).median
+    raw_hot = Spread.of(run["pop_finish"]["raw"]).median
+    for name, peer in run.get("peers", {}).items():
+        for key, label, floor in (("push", "push", raw_push), ("claim_finish", "claim + finish", raw_hot)):
+            values = peer.get(key) or []
+            versus = f"{Spread.of(values).median / floor:.2f}x of our raw loop" if values else "-"
+            rows.append([f"{name}: {label} (Motor)", microseconds(values), "-", versus, "-", "-"])
+    mirror = run.get("mirror_differences")
+    if mirror:
+        mirror_text = "**The raw loop's commands differ from the library's**: " + "; ".join(mirror) + "."
+    else:
+        mirror_text = (
+            "Before timing, one claim + finish was sent each way and the commands compared field by field "
+            "(names and BSON types, values aside): the raw loop sends exactly the shape beanie-tasks sends."
+        )
+    return (
+        "## 8. Client CPU per task\n\n"
+        "CPU time of the client process only (`time.process_time()`; the server is a separate process), divided by "
+        f"the tasks: {run['rounds']} round(s) of {run['tasks']} tasks ({run['worker_tasks']} for the worker), "
+        "beanie-tasks and the raw PyMongo loop alternating (which goes first alternates too). Microseconds per task, "
+        "median (min-max) over the rounds; the ratio is the median (min-max) of each round's ratio. Within a round, "
+        "push and pop + finish alternate with their raw loop in chunks of 10 tasks, in one database. The raw push "
+        "inserts copies (fresh `_id`) of the very document `push()` stored; the raw claim + finish sends the same "
+        "`findAndModify` filter, sort, hint and fields as `beanie_tasks.store`'s claim and the same finish. The "
+        "worker drains a backlog released all at once after it has gone idle (start-up not counted); the raw row "
+        "runs C claim + finish coroutines over the same backlog. Peers run in their own environment (Motor, not "
+        f"PyMongo's async client), measured the same way ({run.get('peer_rounds', run['rounds'])} rounds of "
+        f"{run['tasks']} tasks each); their ratio is to our raw loop, so it includes the driver's difference. "
+        f"{mirror_text} Method: `docs/performance.md`.\n\n"
+        + table(["path", "beanie-tasks µs/task", "raw loop µs/task", "ratio", "target", "verdict"], rows)
+        + "\n\n"
+        + worker_commands_table(results)
+    )
+
+
+def by_name(counts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {number(count)}" for name, count in sorted(counts.items())) or "-"
+
+
+def worker_commands_table(results: Results) -> str:
+    rows = []
+    worker = results.cpu.get("worker", {})
+    for concurrency, pair in sorted(worker.items()):
+        ours, raw = pair["ours"]["commands_per_task"], pair["raw"]["commands_per_task"]
+        rows.append([concurrency, number(sum(ours.values())), by_name(ours), number(sum(raw.values())), by_name(raw)])
+    lines = ["Commands per task while draining (summed over the rounds, by name):", ""]
+    lines.append(table(["concurrency", "Worker", "Worker, by name", "raw loop", "raw loop, by name"], rows))
+    at16 = worker.get(16)
+    if at16:
+        total = sum(at16["ours"]["commands_per_task"].values())
+        lines += [
+            "",
+            f"Targets at concurrency 16: at most {BATCHED_COMMANDS_TARGET:g} commands per task with batched claims "
+            f"({number(total)}: {verdict(total, BATCHED_COMMANDS_TARGET)}); at most {LEAN_COMMANDS_TARGET:g} with "
+            f"lean change streams ({verdict(total, LEAN_COMMANDS_TARGET)}).",
+        ]
+    return "\n".join(lines)
+
+
+def idle_section(results: Results) -> str:
+    rows = []
+    for row in results.idle:
+        total = row["total_per_second"]
+        rows.append(
+            [
+                row["layout"],
+                row["classes"],
+                row["collections"],
+                f"{row['seconds']:.0f}",
+                number(total),
+                by_name(row["per_second"]),
+                verdict(total, IDLE_TARGET),
+            ]
+        )
+    return (
+        "## 9. Idle commands per second\n\n"
+        "A `Worker` with its defaults and nothing to do; its start-up is left out (counting starts once it has sent "
+        "nothing but getMores for a moment), then every command it sends is counted, by name. Four classes share "
+        "one collection through Beanie inheritance, or have a collection each. Target: at most "
+        f"{IDLE_TARGET:g} command per second, however many classes.\n\n"
+        + table(["worker runs", "classes", "collections", "seconds", "commands/s", "by name", "target"], rows)
+    )
+
+
+def milliseconds(seconds: list[float]) -> list[str]:
+    if not seconds:
+        return ["-", "-", "-", "0"]
+    lat = Latency.of(seconds)
+    return [f"{lat.p50 * 1000:.1f}", f"{lat.p95 * 1000:.1f}", f"{max(seconds) * 1000:.1f}", str(lat.samples)]
+
+
+def waiters_section(results: Results) -> str:
+    run = results.waiters
+    if not run:
+        return "## 10. A thousand concurrent `wait()` calls\n\nNot measured in this run."
+    phases = (
+        ("before the waiters (baseline)", "push_baseline"),
+        ("while the waiters start (each reads its task)", "push_while_starting"),
+        ("while they wait", "push_while_waiting"),
+        ("while they all wake up and read their tasks", "push_while_waking"),
+    )
+    rows = [[label, *milliseconds(run.get(key, []))] for label, key in phases]
+    return (
+        "## 10. A thousand concurrent `wait()` calls\n\n"
+        f"{run['waiters']:,} tasks, one `wait()` each, all at once, on one client with the default pool "
+        f"({run['pool']} connections); then one `update_many` ends every task. All returned "
+        f"**{run['all_returned_seconds']:.2f} s** after that update was sent "
+        f"(first {run['first_return_seconds']:.2f} s, median {run['median_return_seconds']:.2f} s; the update "
+        f"itself took {run['end_update_seconds']:.2f} s). "
+        f"Start-up ({run['start_seconds']:.1f} s) sent "
+        f"{by_name(run['start_commands'])}; the end sent {by_name(run['end_commands'])} (the probe pushes' inserts "
+        "included). Meanwhile the same client pushed probe tasks to another collection, one after another: does "
+        "the pool stall them?\n\n" + table(["pushes made", "p50 ms", "p95 ms", "max ms", "pushes"], rows)
     )
 
 
@@ -401,9 +580,12 @@ def write_markdown(results: Results) -> str:
         throughput_section(results),
         latency_section(results),
         scaling_section(results),
-        links_section(results) if results.links else "",
-        push_many_section(results),
         memory_section(results),
+        links_section(results) if results.links else "## 7. Dependency fan-out and fan-in\n\nNot measured in this run.",
+        cpu_section(results),
+        idle_section(results) if results.idle else "## 9. Idle commands per second\n\nNot measured in this run.",
+        waiters_section(results),
+        push_many_section(results),
     ]
     if results.errors:
         parts.append("## Errors\n\n" + "\n".join(f"- {name}: {text}" for name, text in results.errors.items()))
@@ -416,7 +598,9 @@ def write_plot(results: Results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    panels = 3 if results.cpu else 2
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5))
+    left, right = axes[0], axes[1]
     systems = list(results.throughput)
     concurrencies = results.sizes.concurrencies
     width = 0.8 / max(len(systems), 1)
@@ -447,6 +631,8 @@ def write_plot(results: Results, path: Path) -> None:
     right.set_title("Enqueue-to-start latency")
     if names:
         right.legend(fontsize=8)
+    if results.cpu:
+        plot_cpu(axes[2], results)
     figure.suptitle(
         f"beanie-tasks and peers on {results.server.get('label')} ({results.mode} run, {results.machine.get('date')})",
         fontsize=10,
@@ -454,6 +640,29 @@ def write_plot(results: Results, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_cpu(axis: Any, results: Results) -> None:
+    """Client CPU per task, beanie-tasks beside the raw loop, for each path (medians, min-max)."""
+    run = results.cpu
+    paths: list[tuple[str, list[float], list[float]]] = [("push", run["push"]["ours"], run["push"]["raw"])]
+    paths.append(("pop + finish", run["pop_finish"]["ours"], run["pop_finish"]["raw"]))
+    for concurrency, pair in sorted(run.get("worker", {}).items()):
+        paths.append((f"Worker C={concurrency}", pair["ours"]["cpu_us"], pair["raw"]["cpu_us"]))
+    for offset, label in enumerate(("beanie-tasks", "raw PyMongo loop")):
+        spreads = [Spread.of(path[1] if offset == 0 else path[2]) for path in paths]
+        axis.bar(
+            [i + offset * 0.4 for i in range(len(paths))],
+            [s.median for s in spreads],
+            0.4,
+            yerr=[[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]],
+            capsize=2,
+            label=label,
+        )
+    axis.set_xticks([i + 0.2 for i in range(len(paths))], [path[0] for path in paths], fontsize=8)
+    axis.set_ylabel("µs of client CPU per task (median, min-max)")
+    axis.set_title("Client CPU per task")
+    axis.legend(fontsize=8)
 
 
 def write_report(results: Results, out: Path) -> tuple[Path, Path]:
