@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
@@ -26,6 +27,10 @@ log = get_logger("beanie_tasks.wakeup")
 
 # Seconds between attempts to reopen a change stream that a lost connection closed.
 REOPEN_AFTER = 5.0
+
+# At most this many announced due times are remembered (the earliest); past it, the worker
+# claims on its maintenance timer to find the rest.
+MAX_DUES = 10_000
 
 # How long close() waits for a cancelled change stream to shut down.
 CLOSE_TIMEOUT = 2.0
@@ -76,8 +81,9 @@ class Wakeup:
         self._collection = primary(collection)
         self._max_await = max_await
         self._now = now
-        self._due: datetime | None = None  # the earliest announced due time still ahead
+        self._dues: list[datetime] = []  # a heap of the announced due times still ahead
         self.opened = False  # set each time a stream opens: what was announced before it is unknown
+        self.overflowed = False  # more due times were announced than MAX_DUES: some are not remembered
         self._pipeline = pipeline if pipeline is not None else CLAIMABLE_CHANGES
         self._min_poll = min(min_poll, max_poll)
         self._max_poll = max_poll
@@ -137,10 +143,26 @@ class Wakeup:
         self._event.set()
 
     def expect(self, due: datetime) -> None:
-        """A task becomes due at ``due``: ``wait`` returns by then."""
-        if self._due is None or due < self._due:
-            self._due = due
+        """A task becomes due at ``due``: ``wait`` returns by then (each due time once)."""
+        if due in self._dues:
+            return
+        if len(self._dues) >= MAX_DUES:
+            # Too many to remember: keep the earliest; the worker's periodic claim finds the rest.
+            if due >= max(self._dues):
+                self.overflowed = True
+                return
+            self._dues.remove(max(self._dues))
+            heapq.heapify(self._dues)
+            self.overflowed = True
+        earliest = self._dues[0] if self._dues else None
+        heapq.heappush(self._dues, due)
+        if earliest is None or due < earliest:
             self._rearm.set()  # a wait in progress works out its timeout again
+
+    @property
+    def expecting(self) -> bool:
+        """Whether announced due times are still ahead (or some could not be remembered)."""
+        return bool(self._dues) or self.overflowed
 
     def claimed(self) -> None:
         """A claim succeeded: poll eagerly again."""
@@ -162,12 +184,13 @@ class Wakeup:
         deadline = loop.time() + self._idle_timeout
         while True:
             timeout = deadline - loop.time()
-            if self._due is not None and self._now is not None:
-                ahead = (self._due - self._now()).total_seconds()
-                if ahead <= 0:
-                    self._due = None
+            if self._dues and self._now is not None:
+                now = self._now()
+                if self._dues[0] <= now:
+                    while self._dues and self._dues[0] <= now:
+                        heapq.heappop(self._dues)
                     return True  # a task announced earlier is due now
-                timeout = min(timeout, ahead)
+                timeout = min(timeout, (self._dues[0] - now).total_seconds())
             if timeout <= 0:
                 return False
             self._rearm.clear()

@@ -66,6 +66,9 @@ from beanie_tasks.wakeup import Wakeup
 
 log = get_logger("beanie_tasks.worker")
 
+# On a quiet queue the worker skips the claim of a maintenance round, but not of every
+# this-many-th round (a safety net for whatever a change stream might miss).
+CLAIM_EVERY_QUIET_ROUNDS = 6
 # The longest an idle wake-up stream's getMore waits on the server for a change.
 STREAM_MAX_AWAIT = 5.0
 # How long a drained task gets, after its run() was cancelled, to be released.
@@ -491,9 +494,10 @@ class Worker:
                     next_maintenance = loop.time() + min(c.task_options.recovery_interval for c in self.task_classes)
                     rounds += 1
                     await self._maintain(sweep=rounds % SWEEP_EVERY_RECOVERIES == 1)
-                    if quiet:
+                    if quiet and rounds % CLAIM_EVERY_QUIET_ROUNDS:
                         # A stream would have announced anything claimable (recovery's own writes
-                        # included): wait again without a claim that cannot succeed.
+                        # included): wait again without a claim that cannot succeed. Every few
+                        # rounds the worker claims anyway, whatever a stream may have missed.
                         quiet = not await self._idle(wakeups, until=next_maintenance - loop.time())
                         continue
                 quiet = False
@@ -520,7 +524,7 @@ class Worker:
                 continue
             await self._learn_due_times(wakeups)
             woken = await self._idle(wakeups, until=next_maintenance - loop.time())
-            quiet = not woken and not self._limited and all(w.streaming for w in wakeups)
+            quiet = not woken and not self._limited and all(w.streaming and not w.expecting for w in wakeups)
 
     async def _gather_free_slots(self) -> None:
         """On a backlog, let slots that free within one ack window gather, so one batch claim fills them.

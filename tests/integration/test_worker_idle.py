@@ -104,3 +104,19 @@ async def test_without_a_stream_the_worker_polls_and_still_runs_delayed_work() -
 
 async def _finished(task_class: type[Task], count: int) -> bool:
     return bool((await task_class.counts())[State.FINISHED] == count)
+
+
+@pytest.mark.wire
+async def test_each_of_several_delayed_pushes_wakes_the_worker_when_it_falls_due() -> None:
+    """Every announced due time is kept, not only the earliest: the later ones still wake the worker."""
+    loop = asyncio.get_running_loop()
+    delays = {"first": 1.0, "second": 1.6, "third": 2.2}
+    async with running(Worker([Ping], concurrency=2)):
+        await asyncio.sleep(1.0)
+        pushed = loop.time()
+        for name, delay in delays.items():
+            await Ping(name=name).push(delay=delay)
+        await eventually(lambda: _finished(Ping, 3), timeout=15)
+    for name, delay in delays.items():
+        late = Started.at[name] - pushed - delay
+        assert -0.05 <= late < 1.0, f"{name} started {late:+.2f} s from its due time"
