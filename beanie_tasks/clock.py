@@ -109,8 +109,14 @@ def record(client: Any, before: datetime, server_time: datetime | None, after: d
         delta = timedelta(0)
     else:
         delta = as_utc(server_time) - (before + (after - before) / 2)
-        if abs(delta) < timedelta(milliseconds=5):
-            delta = timedelta(0)  # the round trip's noise, not a skew
+        # The server read its clock somewhere in the round trip: the true offset is within half of
+        # it either way. Keep the smallest offset the reading allows, so two processes on one
+        # host (a loaded one, whose round trips are long) never believe in skews they do not have.
+        uncertainty = max((after - before) / 2, timedelta(milliseconds=5))
+        if abs(delta) <= uncertainty:
+            delta = timedelta(0)
+        else:
+            delta -= uncertainty if delta > timedelta(0) else -uncertainty
     previous = _known(client)
     with contextlib.suppress(TypeError):  # a client type without weak references is measured each time
         _offsets[id(client)] = (weakref.ref(client), Offset(delta, time.monotonic()))
