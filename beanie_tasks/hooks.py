@@ -13,8 +13,9 @@ around each ``push()`` in this process (registered with ``add_push_middleware``)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +150,17 @@ def after_push(task: Task, error: BaseException | None) -> None:
                 hook(task, error)
             except Exception:
                 log.exception("middleware %s.after_push raised; ignored", _name(middleware))
+
+
+@contextlib.contextmanager
+def around_push(task: Task) -> Iterator[None]:
+    """Tell the push middleware how the insert of ``task`` ended (every producer, async or sync)."""
+    try:
+        yield
+    except BaseException as exc:
+        after_push(task, exc)
+        raise
+    after_push(task, None)
 
 
 # ------------------------------------------------------------ lifecycle

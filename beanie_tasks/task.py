@@ -419,13 +419,9 @@ class Task(Document):
             raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
         task_store = type(self).task_store()
         draft = self.push_draft(task_store, task_store.now(), delay=delay, run_at=run_at, task_id=task_id)
-        try:
+        with hooks.around_push(draft.checked):
             plan = await dependencies.prepare_push(task_store, type(self).__name__, draft.links, draft.document)
             stored = await type(self)._insert(task_store, draft.document)
-        except BaseException as exc:
-            hooks.after_push(draft.checked, exc)
-            raise
-        hooks.after_push(draft.checked, None)
         if stored is not None:
             return stored
         self.adopt_push(draft)
@@ -638,13 +634,9 @@ class Task(Document):
             raise TransitionError(f"{type(self).__name__} {self.id} was already pushed")
         sync_store = storage.sync_of(type(self))
         draft = self.push_draft(sync_store.shape, sync_store.now(), delay=delay, run_at=run_at, task_id=task_id)
-        try:
+        with hooks.around_push(draft.checked):
             plan = dependencies.prepare_push_sync(sync_store, type(self).__name__, draft.links, draft.document)
             stored = type(self)._insert_sync(sync_store, draft.document)
-        except BaseException as exc:
-            hooks.after_push(draft.checked, exc)
-            raise
-        hooks.after_push(draft.checked, None)
         if stored is not None:
             return stored
         self.adopt_push(draft)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from bson import ObjectId
 
 from beanie_tasks import Task
 from beanie_tasks.driver import client_for, close_client
-from beanie_tasks.embedded import EmbeddedServer
+from beanie_tasks.embedded import server_uri
 from beanie_tasks.web import dashboard
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,16 +34,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class Rendered(Task):
     customer: str
     amount: float = 0.0
-
-
-@contextlib.contextmanager
-def server_uri() -> Iterator[str]:
-    configured = os.environ.get("MONGODB_URI")
-    if configured:
-        yield configured
-        return
-    with EmbeddedServer() as server:
-        yield server.uri
 
 
 async def fill(tasks: int) -> Rendered:
