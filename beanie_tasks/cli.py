@@ -532,9 +532,20 @@ async def find_task(classes: Sequence[type[Task]], task_id: ObjectId) -> tuple[t
         seen.add(collection.name)
         document = await store.read_task(collection, task_id)
         if document is not None:
-            return cls, document
+            return own_class(classes, cls, document), document
     names = ", ".join(sorted(seen))
     raise CliError(f"no task with id {task_id} in {names}")
+
+
+def own_class(classes: Sequence[type[Task]], found_by: type[Task], document: dict[str, Any]) -> type[Task]:
+    """The most specific of ``classes`` that owns ``document`` in its collection (a subclass over
+    its root), so a task is shown, cancelled and validated as what it is."""
+    owners = [
+        cls
+        for cls in classes
+        if cls.collection().name == found_by.collection().name and cls.task_store().owns(document)
+    ]
+    return max(owners, key=lambda cls: len(cls.__mro__), default=found_by)
 
 
 def plain(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -148,3 +149,81 @@ def test_an_unbuildable_periodic_class_fails_in_one_line(backend: Backend, app_d
     line = one_line_error(cli("worker", "bt_gaps_unbuildable", "-d", database, cwd=app_dir, MONGODB_URI=backend.uri))
     assert "periodic task TenantSync cannot be built" in line and "tenant: Field required" in line
     assert "for_slot" in line and "pydantic.dev" not in line
+
+
+SHARED_SOURCE = textwrap.dedent(
+    """
+    from beanie_tasks import Task
+
+
+    class Job(Task):
+        class Settings:
+            is_root = True
+            name = "jobs"
+
+
+    class Invoice(Job):
+        number: int
+
+        async def run(self) -> None:
+            return None
+
+
+    class Refund(Job):
+        amount: int = 0
+
+        async def run(self) -> None:
+            return None
+    """
+)
+
+SHARED_PUSH = textwrap.dedent(
+    """
+    import asyncio, sys
+
+    from beanie import init_beanie
+
+    from beanie_tasks.driver import client_for
+    from bt_gaps_shared import Invoice, Job, Refund
+
+
+    async def main() -> None:
+        client = client_for(sys.argv[1])
+        await init_beanie(database=client[sys.argv[2]], document_models=[Job, Invoice, Refund])
+        invoice = await Invoice(number=7).push()
+        refund = await Refund(amount=3).push()
+        print(invoice.id, refund.id)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.wire
+def test_inspect_and_cancel_name_the_subclass_in_a_shared_collection(backend: Backend, tmp_path: Path) -> None:
+    """Classes sharing one collection (``is_root``): ``inspect`` and ``cancel`` name the task's own
+    class, not the root's, and cancel acts on that one task only."""
+    assert backend.uri is not None
+    (tmp_path / "bt_gaps_shared.py").write_text(SHARED_SOURCE)
+    (tmp_path / "bt_gaps_shared_push.py").write_text(SHARED_PUSH)
+    database = f"bt_gaps_{uuid.uuid4().hex[:8]}"
+    pushed = subprocess.run(
+        [sys.executable, "bt_gaps_shared_push.py", backend.uri, database],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+        check=True,
+    )
+    invoice_id, refund_id = pushed.stdout.split()
+    shown = cli("inspect", invoice_id, "-m", "bt_gaps_shared", "-d", database, cwd=tmp_path, MONGODB_URI=backend.uri)
+    assert shown.returncode == 0, shown.stderr
+    assert f"Invoice {invoice_id}" in shown.stdout, shown.stdout
+    cancelled = cli("cancel", refund_id, "-m", "bt_gaps_shared", "-d", database, cwd=tmp_path, MONGODB_URI=backend.uri)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "Refund" in cancelled.stdout and "Job" not in cancelled.stdout, cancelled.stdout
+    status = cli("status", "-m", "bt_gaps_shared", "-d", database, "--json", cwd=tmp_path, MONGODB_URI=backend.uri)
+    assert status.returncode == 0, status.stderr
+    counts = {row["class"]: (row["CREATED"], row["CANCELLED"]) for row in json.loads(status.stdout)}
+    assert counts == {"Job": (1, 1), "Invoice": (1, 0), "Refund": (0, 1)}, counts
