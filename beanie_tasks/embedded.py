@@ -34,6 +34,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (a server left running, another program)."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
 def server_executable() -> str:
     beside_python = Path(sys.executable).with_name(SERVER_COMMAND)
     if beside_python.exists():
@@ -47,13 +54,22 @@ def server_executable() -> str:
     return found
 
 
-# secantusdb 0.7.0b3 reads ``[storage] ttl_sweep_seconds`` from its config file but never
-# hands it to the server, so expiry would only run every 60s. When the server's package is
-# importable here, start its CLI through this shim, which passes the interval explicitly.
-_SWEEP_SHIM = (
-    "import functools, sys\n"
+# The server is started through this shim when its package is importable here, for two reasons:
+# - secantusdb 0.7.0b3 reads ``[storage] ttl_sweep_seconds`` from its config file but never
+#   hands it to the server, so expiry would only run every 60s: the shim passes it explicitly;
+# - the server runs in a session of its own (a Ctrl-C meant for the app does not reach it),
+#   so nothing would stop it if its owner were killed with SIGKILL: the shim stops it
+#   (SIGTERM, a clean shutdown) once the process that started it is gone.
+_SERVER_SHIM = (
+    "import functools, os, signal, sys, threading, time\n"
     "from secantus import cli\n"
+    "owner = int(sys.argv.pop(1))\n"
     "sweep = float(sys.argv.pop(1))\n"
+    "def follow_owner():\n"
+    "    while os.getppid() == owner:\n"
+    "        time.sleep(0.5)\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "threading.Thread(target=follow_owner, daemon=True).start()\n"
     "cli.SecantusDBServer = functools.partial(cli.SecantusDBServer, ttl_sweep_seconds=sweep)\n"
     "sys.exit(cli.main())\n"
 )
@@ -64,7 +80,7 @@ def server_launcher(ttl_sweep_seconds: float) -> list[str]:
     executable = server_executable()
     if importlib.util.find_spec("secantus") is None:
         return [executable]
-    return [sys.executable, "-c", _SWEEP_SHIM, str(float(ttl_sweep_seconds))]
+    return [sys.executable, "-c", _SERVER_SHIM, str(os.getpid()), str(float(ttl_sweep_seconds))]
 
 
 @dataclass
@@ -108,6 +124,12 @@ class EmbeddedServer:
     def start(self, timeout: float = 30.0) -> EmbeddedServer:
         if self.process is not None and self.process.poll() is None:
             return self
+        if port_in_use(self.host, self.port):
+            # Checked first: a start would otherwise take the other listener for this server.
+            raise EmbeddedServerError(
+                f"port {self.port} on {self.host} is already in use (a server still running there?); "
+                "stop it or choose another port"
+            )
         self._config_dir = self._config_dir or tempfile.mkdtemp(prefix="beanie-tasks-server-")
         config = Path(self._config_dir, "secantusd.toml")
         config.write_text(f"[storage]\nttl_sweep_seconds = {self.ttl_sweep_seconds}\n")
@@ -124,7 +146,8 @@ class EmbeddedServer:
         if self.syncs_on_commit:
             command.append("--sync-on-commit")
         self.command = command
-        log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
+        # Without a log_path the server's output goes to its config directory, for the error below.
+        log = open(self.log_path or Path(self._config_dir, "server.log"), "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         log.close()
         self._wait_until_listening(timeout)
@@ -135,14 +158,25 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
+                said = self._last_log_line()
                 raise EmbeddedServerError(
                     f"{SERVER_COMMAND} exited with code {self.process.returncode} on port {self.port}"
+                    + (f": {said}" if said else "")
                 )
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
                 return
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServerError(f"{SERVER_COMMAND} did not listen on port {self.port} within {timeout:.0f}s")
+
+    def _last_log_line(self) -> str:
+        """The server's last line of output (why it exited), if it wrote one."""
+        path = self.log_path or (Path(self._config_dir, "server.log") if self._config_dir else None)
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines() if path else []
+        except OSError:
+            return ""
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
     def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
