@@ -1226,8 +1226,9 @@ async def claim(
     task_store = task_class.task_store()
     consumer = consumer_id or default_consumer_id()
     tasks: list[T] = []
+    one_by_one = False  # after a batch was refused: single claims, until the refused document is found
     for _ in range(MAX_QUARANTINES_PER_POP):
-        wanted = count - len(tasks)
+        wanted = 1 if one_by_one else count - len(tasks)
         try:
             documents = await task_store.claim(
                 consumer, count=wanted, partition=partition, lease_token=lease_token, ignore_limits=ignore_limits
@@ -1236,9 +1237,15 @@ async def claim(
             if exc.code not in storage.DOCUMENT_REFUSALS or isinstance(exc, WriteConcernError):
                 raise
             # The server refused the claim's update (a counter that is not a number, a document at
-            # the 16 MB limit): set the document it was for aside, and claim the next one.
+            # the 16 MB limit): set the document it was for aside, and claim the next one. A batch's
+            # refusal does not say which document it was (the store has undone the batch): claim one
+            # at a time, so the refused claim is the one for the next candidate.
+            if wanted > 1:
+                one_by_one = True
+                continue
             if not await set_aside_unupdatable(task_store, partition, exc):
                 raise
+            one_by_one = False
             continue
         if not documents:
             break

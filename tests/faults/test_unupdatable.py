@@ -120,3 +120,22 @@ async def test_queue_does_not_raise_the_servers_error_at_its_caller() -> None:
     assert task.id == good.id
     for task_id in bad:
         assert (await stored(Head, task_id))["state"] != State.RUNNING.value
+
+
+async def test_a_batch_claim_sets_aside_only_the_refused_document() -> None:
+    """A batch claim's ``update_many`` names no document when the server refuses one of them:
+    the document set aside is the refused one (third in claim order), never a good task
+    before it, and every good task is claimed, once."""
+    from beanie_tasks import claim_batch
+
+    good = [await Head(n=i, priority=50).push() for i in range(2)]
+    template = await stored(Head, good[0].id)
+    bad = template | {"_id": ObjectId(), "priority": 40, "attempts": "zero"}
+    await Head.collection().insert_one(bad)
+    later = [await Head(n=10 + i, priority=30).push() for i in range(2)]
+    claimed = await claim_batch(Head, 8)
+    assert sorted(t.n for t in claimed) == [0, 1, 10, 11]
+    for task in [*good, *later]:
+        assert (await stored(Head, task.id))["state"] == State.RUNNING.value, f"good task {task.n} was set aside"
+    refused = await stored(Head, bad["_id"])
+    assert refused["state"] == State.FAILED.value and "attempts" in (refused.get("error") or ""), refused
