@@ -780,7 +780,12 @@ class Worker:
         settled_by_run = task.is_settled
         if reason == "cancelled":
             self.stats["cancelled"] += 1
-            log.info("%s was cancelled while running; run() was stopped", name)
+            how = (
+                "its thread could not be interrupted: the slot was held until run() returned, and its result dropped"
+                if isinstance(record.handle, ThreadRun)
+                else "run() was stopped"
+            )
+            log.info("%s was cancelled while running; %s", name, how)
         elif reason == "lease lost":
             self.stats["lease lost"] += 1
         elif task.is_settled:

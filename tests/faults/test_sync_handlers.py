@@ -140,6 +140,44 @@ async def test_task_queued_behind_a_running_thread_is_not_timed_out_unstarted() 
     assert after.attempts == 1 and len(started) == 1
 
 
+class CancelledSleeper(Sleeper):
+    """A Sleeper without a timeout whose heartbeat notices a cancel quickly."""
+
+    class Settings:
+        name = "sync_cancelled_sleepers"
+
+    class TaskSettings:
+        timeout = None
+        heartbeat_interval = 0.2
+        poll_interval = 0.1
+
+
+async def test_a_cancelled_thread_holds_its_slot_and_says_so(
+    caplog: pytest.LogCaptureFixture, init_tasks: Callable[..., Awaitable[None]]
+) -> None:
+    """Cancelling a running sync task: it ends CANCELLED without its result, the next task at
+    concurrency 1 starts only after the thread returned, and the log says the thread could not be
+    interrupted (not that run() was stopped)."""
+    caplog.set_level("INFO", logger="beanie_tasks")
+    await init_tasks(CancelledSleeper)
+    slow = await CancelledSleeper(label="slow", seconds=SLEEP).push()
+    await CancelledSleeper(label="after", seconds=0.05).push()
+    worker = Worker([CancelledSleeper], concurrency=1, use_change_stream=False, schedules=False)
+    async with background(worker) as job:
+
+        async def started(label: str) -> bool:
+            return bool(Runs.of(label))
+
+        await until(lambda: started("slow"), timeout=10, what="the slow thread to start", job=job)
+        await slow.cancel()
+        await until(lambda: started("after"), timeout=20, what="the next task to start", job=job)
+    assert Runs.of("after")[0]["start"] >= Runs.of("slow")[0]["end"], "the next task started beside the thread"
+    stored = await CancelledSleeper.get(slow.id)
+    assert stored is not None and stored.state is State.CANCELLED and stored.result is None
+    lines = [r.getMessage() for r in caplog.records if "cancelled while running" in r.getMessage()]
+    assert len(lines) == 1 and "could not be interrupted" in lines[0], lines
+
+
 PROCESS_SOURCE = textwrap.dedent(
     """
     from __future__ import annotations
