@@ -26,6 +26,12 @@ from typing import Any
 # How long a killed child gets to be reaped before the run is given up on.
 KILL_WAIT = 5.0
 
+# The event loop of the worker whose thread runs the current sync run(), so the handler can
+# reach the database through it (``Task.set_progress_sync``); None anywhere else.
+worker_loop: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "beanie_tasks_worker_loop", default=None
+)
+
 
 class ThreadRun:
     """One sync ``run()`` in the worker's thread pool, and when its thread really started and ended."""
@@ -35,6 +41,7 @@ class ThreadRun:
         self.started: asyncio.Future[None] = loop.create_future()
 
         def call() -> Any:
+            worker_loop.set(loop)
             loop.call_soon_threadsafe(_resolve, self.started)
             return handler()
 

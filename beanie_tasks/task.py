@@ -38,7 +38,7 @@ from pymongo.errors import (
 )
 from typing_extensions import Self
 
-from beanie_tasks import admin, clock, dependencies, driver, hooks
+from beanie_tasks import admin, clock, dependencies, driver, executors, hooks
 from beanie_tasks import store as storage
 from beanie_tasks.clock import FAR_FUTURE, UtcDatetime, as_utc, utcnow
 from beanie_tasks.errors import (
@@ -985,6 +985,20 @@ class Task(Document):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"progress must be a number, got {type(value).__name__}")
         await self._extend({"progress": float(value), "progress_message": message})
+
+    def set_progress_sync(self, value: float, message: str | None = None, *, timeout: float = 30.0) -> None:
+        """``set_progress`` from a sync ``def run()`` in the worker's thread (the worker's loop sends it).
+
+        A cancel shows here too: it raises ``TaskCancelled``, so a loop that reports progress
+        stops at its next report, although its thread cannot be interrupted.
+        """
+        loop = executors.worker_loop.get()
+        if loop is None or loop.is_closed():
+            raise RuntimeError(
+                "set_progress_sync() works in a sync run() executed by a worker thread; "
+                "in async code use await set_progress() (a run() under executor='process' cannot report progress)"
+            )
+        asyncio.run_coroutine_threadsafe(self.set_progress(value, message), loop).result(timeout)
 
     async def _extend(self, extra: dict[str, Any]) -> None:
         if self.lease_token is None:

@@ -38,7 +38,13 @@ class Checksum(Task):
     text: str
 
     def run(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        digest = hashlib.sha256()
+        chunks = [self.text[i : i + 4] for i in range(0, len(self.text), 4)]
+        for done, chunk in enumerate(chunks, start=1):
+            digest.update(chunk.encode())
+            # From a thread: the sync twin of set_progress (raises TaskCancelled once cancelled).
+            self.set_progress_sync(done / len(chunks), f"{done} of {len(chunks)} chunks")
+        return digest.hexdigest()
 
 
 class Flaky(Task):
@@ -70,6 +76,7 @@ async def main(uri: str) -> None:
             print(f"{type(done).__name__}: {done.state.value} after {done.attempts} attempt(s): {done.result}")
             assert done.state is State.FINISHED
         assert (await Thumbnail.get(thumbnail.id)).progress == 1.0  # type: ignore[union-attr]
+        assert (await Checksum.get(checksum.id)).progress_message == "2 of 2 chunks"  # type: ignore[union-attr]
     finally:
         stop.set()  # stop claiming, let running tasks finish (grace_period), release the rest
         await running

@@ -255,3 +255,68 @@ async def test_process_executor_kills_a_handler_that_times_out(
     finally:
         if pid is not None and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+class Reporter(Task):
+    """A sync handler that reports progress from its thread, step by step."""
+
+    steps: int = 3
+
+    def run(self) -> str:
+        for step in range(1, self.steps + 1):
+            try:
+                self.set_progress_sync(step / self.steps, f"step {step}")
+            except BaseException as exc:
+                Reporter.raised.append(type(exc).__name__)
+                raise
+            Reporter.reported.append(step)
+            Reporter.go_on.wait(10)
+        return "reported"
+
+    reported: ClassVar[list[int]] = []
+    raised: ClassVar[list[str]] = []
+    go_on: ClassVar[threading.Event] = threading.Event()
+
+    class Settings:
+        name = "sync_reporters"
+
+    class TaskSettings:
+        heartbeat_interval = 0.2
+        poll_interval = 0.1
+
+
+async def test_a_sync_handler_reports_progress_and_sees_a_cancel(init_tasks: Callable[..., Awaitable[None]]) -> None:
+    """``set_progress_sync`` from a worker thread stores the progress at once; after a cancel the
+    next report raises ``TaskCancelled`` in the thread, so the handler stops at its next step."""
+    await init_tasks(Reporter)
+    Reporter.reported.clear()
+    Reporter.raised.clear()
+    Reporter.go_on.clear()
+    task = await Reporter(steps=50).push()
+    worker = Worker([Reporter], concurrency=1, use_change_stream=False, schedules=False)
+    async with background(worker) as job:
+
+        async def first_step_stored() -> bool | str:
+            stored = await Reporter.get(task.id)
+            return (stored is not None and stored.progress == 1 / 50 and stored.progress_message == "step 1") or str(
+                stored and (stored.progress, stored.progress_message)
+            )
+
+        await until(first_step_stored, timeout=10, what="the first step's progress to be stored", job=job)
+        await task.cancel()
+        Reporter.go_on.set()  # the thread goes on to its next report
+
+        async def ended() -> bool:
+            return worker.stats.get("cancelled", 0) == 1 and bool(Reporter.raised)
+
+        await until(ended, timeout=10, what="the cancel to be settled", job=job)
+    assert Reporter.reported == [1], f"the handler went on after the cancel: {Reporter.reported}"
+    stored = await Reporter.get(task.id)
+    assert stored is not None and stored.state is State.CANCELLED
+    assert Reporter.raised == ["TaskCancelled"]
+
+
+async def test_set_progress_sync_outside_a_worker_thread_says_where_it_works() -> None:
+    task = Sleeper(label="x", seconds=0)
+    with pytest.raises(RuntimeError, match=r"works in a sync run\(\) executed by a worker thread"):
+        task.set_progress_sync(0.5)
