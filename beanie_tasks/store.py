@@ -1325,6 +1325,47 @@ async def tell(
     return snapshot
 
 
+async def tell_page(
+    collection: Any,
+    dependency_id: Any,
+    told: Sequence[tuple[Mapping[str, Any], Sequence[str]]],
+    mark: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], OperationFailure | None]:
+    """``tell`` for a page of dependents of one dependency: one bulk write, then one read of their summaries.
+
+    ``told`` pairs each dependent's row (``waiting_dependents``) with the link fields naming
+    the dependency. Each write is ``tell``'s own guarded one, so a repeat changes nothing;
+    the summaries are read after every write landed, so of two dependencies ending at once
+    at least one teller reads both outcomes. A page of one is ``tell`` itself (one
+    ``findAndModify`` answers with the summary). A write the server refused is returned,
+    not raised, once the others' summaries are read (a deleted dependent has none).
+    """
+    pinned = driver.primary(collection)
+    refused: OperationFailure | None = None
+    if len(told) == 1:
+        row, fields = told[0]
+        try:
+            snapshot = await tell(collection, row["_id"], dependency_id, fields, mark, row)
+        except OperationFailure as exc:
+            return [], exc
+        return ([snapshot] if snapshot is not None else []), None
+    try:
+        await driver.bulk_update(
+            pinned, [tell_command(row["_id"], dependency_id, fields, mark, row) for row, fields in told]
+        )
+    except OperationFailure as exc:
+        refused = exc
+    cursor = pinned.find({"_id": {"$in": [row["_id"] for row, _ in told]}}, DEPENDENT_PROJECTION)
+    return [row async for row in cursor], refused
+
+
+async def release_page(collection: Any, ready: Sequence[tuple[Mapping[str, Any], Any]]) -> int:
+    """``release_parked`` for many dependents (snapshot, run_at) in one bulk write; returns how many matched."""
+    return await driver.bulk_update(
+        driver.primary(collection), [release_command(snapshot, run_at) for snapshot, run_at in ready]
+    )
+
+
 def release_command(snapshot: Mapping[str, Any], run_at: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return (
         dependent_key(snapshot["_id"], snapshot) | {"state": State.CREATED.value, "dep_blocked": True},
