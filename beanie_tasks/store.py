@@ -1279,7 +1279,7 @@ async def waiting_dependents(collection: Any, dependency_id: Any, after: Any, li
     if after is not None:
         selector["_id"] = {"$gt": after}
     projection = {"dep_wait": {"$elemMatch": {"i": dependency_id}}, "dep_pk": 1}
-    cursor = driver.primary(collection).find(selector, projection)
+    cursor = driver.primary(collection).find(selector, projection, batch_size=limit)  # the page in one reply
     return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
 
 
@@ -1355,7 +1355,9 @@ async def tell_page(
         )
     except OperationFailure as exc:
         refused = exc
-    cursor = pinned.find({"_id": {"$in": [row["_id"] for row, _ in told]}}, DEPENDENT_PROJECTION)
+    ids = [row["_id"] for row, _ in told]
+    # A limit as well as a batch size: the server then closes the cursor with its one reply.
+    cursor = pinned.find({"_id": {"$in": ids}}, DEPENDENT_PROJECTION, limit=len(ids), batch_size=len(ids))
     return [row async for row in cursor], refused
 
 

@@ -391,7 +391,7 @@ async def test_finishing_a_task_with_one_dependent_costs_four_commands_more(back
 
 
 @pytest.mark.wire
-@pytest.mark.parametrize("dependents", [3, 9])
+@pytest.mark.parametrize("dependents", [3, 120])  # 120: more than a first cursor batch (101)
 async def test_finishing_a_task_with_dependents_costs_per_page_not_per_dependent(
     backend: Backend, dependents: int
 ) -> None:
