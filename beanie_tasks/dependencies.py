@@ -13,7 +13,9 @@ whatever their classes. Telling a dependent removes the dependency from its
 ``dep_wait`` and counts the outcome in the same write, so a repeat (a sweep after a
 crash, a race with a push) changes nothing. The verdict computed from the counters is
 final once it says ready or failed, so releasing or failing the dependent is one
-guarded write that any number of callers may repeat.
+guarded write that any number of callers may repeat. Dependents are told a page at a
+time: the page's tells in one bulk write, their counters read back after it, the
+releases in one more bulk write, so a fan-out costs commands per page, not per dependent.
 """
 
 from __future__ import annotations
