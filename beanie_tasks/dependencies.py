@@ -13,7 +13,9 @@ whatever their classes. Telling a dependent removes the dependency from its
 ``dep_wait`` and counts the outcome in the same write, so a repeat (a sweep after a
 crash, a race with a push) changes nothing. The verdict computed from the counters is
 final once it says ready or failed, so releasing or failing the dependent is one
-guarded write that any number of callers may repeat.
+guarded write that any number of callers may repeat. Dependents are told a page at a
+time: the page's tells in one bulk write, their counters read back after it, the
+releases in one more bulk write, so a fan-out costs commands per page, not per dependent.
 """
 
 from __future__ import annotations
@@ -245,16 +247,18 @@ async def _decide(collection: Any, snapshot: Mapping[str, Any]) -> Ended | None:
         return None
     if outcome.failure is None:
         return None
-    ttl = snapshot.get("dep_ttl")
-    failed = await store.fail_parked(collection, snapshot, outcome.failure, ttl)
+    return await _fail_dependent(collection, snapshot, outcome.failure)
+
+
+async def _fail_dependent(collection: Any, snapshot: Mapping[str, Any], failure: str) -> Ended | None:
+    """Fail a parked dependent whose links failed; returns it when it has dependents of its own to tell."""
+    failed = await store.fail_parked(collection, snapshot, failure, snapshot.get("dep_ttl"))
     if failed is None:
         return None
-    log.info("%s %s failed: %s", _class_name(str(collection.name)), snapshot["_id"], outcome.failure)
+    log.info("%s %s failed: %s", _class_name(str(collection.name)), snapshot["_id"], failure)
     if not failed.get("dependents_pending"):
         return None
-    return Ended(
-        collection, snapshot["_id"], State.FAILED.value, outcome.failure, tuple(failed.get("dependents_in") or ())
-    )
+    return Ended(collection, snapshot["_id"], State.FAILED.value, failure, tuple(failed.get("dependents_in") or ()))
 
 
 async def _tell_one(
@@ -272,11 +276,63 @@ async def _set_aside_dependent(collection: Any, row: Mapping[str, Any], exc: Exc
     await store.fail_parked(collection, row, reason[:MAX_REASON], None)
 
 
-async def _tell_all(ended: Ended, ttl: float | None) -> list[Ended]:
-    """Tell every dependent of ``ended``, page by page; returns those that failed because of it."""
+async def _tell_page(
+    collection: Any, ended: Ended, page: Sequence[Mapping[str, Any]]
+) -> tuple[list[Ended], PyMongoError | None]:
+    """Tell one page of waiting dependents that ``ended`` ended, and release or fail those it decides.
+
+    A fixed number of commands per page, whatever its size: one bulk write of the tells,
+    one read of the counters they leave, one bulk write of the releases; only a dependent
+    that fails costs a write of its own (it may have dependents to tell in turn).
+    Returns the dependents that failed and have dependents of their own, and the error of
+    a tell the server refused (the others are told all the same).
+    """
+    told: list[tuple[Mapping[str, Any], list[str]]] = []
+    for row in page:
+        try:
+            entry = (row.get("dep_wait") or [{}])[0]
+            told.append((row, [str(f) for f in entry.get("f", [])]))
+        except BAD_BOOKKEEPING as exc:
+            await _set_aside_dependent(collection, row, exc)
+    if not told:
+        return [], None
+    snapshots, refused = await store.tell_page(collection, ended.id, told, mark_of(ended))
+    cascade: list[Ended] = []
+    ready: list[tuple[Mapping[str, Any], Any]] = []
+    now = None
+    for snapshot in snapshots:
+        try:
+            outcome = decision(snapshot)
+        except BAD_BOOKKEEPING as exc:
+            await _set_aside_dependent(collection, snapshot, exc)
+            continue
+        if outcome is None:
+            continue
+        if outcome.ready:
+            run_at = snapshot.get("dep_run_at")
+            if run_at is None:
+                now = now or clock.now(collection)
+                run_at = now
+            ready.append((snapshot, run_at))
+        elif outcome.failure is not None:
+            failed = await _fail_dependent(collection, snapshot, outcome.failure)
+            if failed is not None:
+                cascade.append(failed)
+    if ready:
+        await store.release_page(collection, ready)
+    return cascade, refused
+
+
+async def _tell_all(ended: Ended, ttl: float | None) -> tuple[list[Ended], PyMongoError | None]:
+    """Tell every dependent of ``ended``, page by page; returns those that failed because of it.
+
+    A tell the server refused is returned after every other dependent was told, and the
+    task keeps its ``dependents_pending`` flag, so its repair sweep tries again.
+    """
     if ttl is not None:
         await store.hold_expiry(ended)
     cascade: list[Ended] = []
+    refused: PyMongoError | None = None
     database = ended.collection.database
     for name in ended.dependents_in:
         if not isinstance(name, str):
@@ -285,31 +341,32 @@ async def _tell_all(ended: Ended, ttl: float | None) -> list[Ended]:
         after = None
         while True:
             page = await store.waiting_dependents(collection, ended.id, after, store.PAGE)
-            for row in page:
-                after = row["_id"]
-                try:
-                    entry = (row.get("dep_wait") or [{}])[0]
-                    fields = [str(f) for f in entry.get("f", [])]
-                    failed = await _tell_one(collection, row["_id"], fields, ended, row)
-                except BAD_BOOKKEEPING as exc:
-                    await _set_aside_dependent(collection, row, exc)
-                    continue
-                if failed is not None:
-                    cascade.append(failed)
+            if page:
+                after = page[-1]["_id"]
+                failed, error = await _tell_page(collection, ended, page)
+                cascade += failed
+                refused = refused or error
             if len(page) < store.PAGE:
                 break
-    if ended.state != DELETED:
+    if ended.state != DELETED and refused is None:
         await store.dependents_told(ended, ttl)
-    return cascade
+    return cascade, refused
 
 
 async def propagate(first: Ended, ttl: float | None) -> None:
-    """Tell the dependents of ``first``, following failures down the graph."""
+    """Tell the dependents of ``first``, following failures down the graph.
+
+    Raises the first tell the server refused, once every other dependent was told.
+    """
     work: list[tuple[Ended, float | None]] = [(first, ttl)]
+    refused: PyMongoError | None = None
     while work:
         ended, ended_ttl = work.pop()
-        for failed in await _tell_all(ended, ended_ttl):
-            work.append((failed, None))
+        cascade, error = await _tell_all(ended, ended_ttl)
+        work += [(failed, None) for failed in cascade]
+        refused = refused or error
+    if refused is not None:
+        raise refused
 
 
 async def after_terminal(

@@ -1279,7 +1279,7 @@ async def waiting_dependents(collection: Any, dependency_id: Any, after: Any, li
     if after is not None:
         selector["_id"] = {"$gt": after}
     projection = {"dep_wait": {"$elemMatch": {"i": dependency_id}}, "dep_pk": 1}
-    cursor = driver.primary(collection).find(selector, projection)
+    cursor = driver.primary(collection).find(selector, projection, batch_size=limit)  # the page in one reply
     return [row async for row in cursor.sort("_id", ASCENDING).limit(limit)]
 
 
@@ -1323,6 +1323,49 @@ async def tell(
     if snapshot is None:
         snapshot = await pinned.find_one(dependent_key(dependent_id, found), DEPENDENT_PROJECTION)
     return snapshot
+
+
+async def tell_page(
+    collection: Any,
+    dependency_id: Any,
+    told: Sequence[tuple[Mapping[str, Any], Sequence[str]]],
+    mark: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], OperationFailure | None]:
+    """``tell`` for a page of dependents of one dependency: one bulk write, then one read of their summaries.
+
+    ``told`` pairs each dependent's row (``waiting_dependents``) with the link fields naming
+    the dependency. Each write is ``tell``'s own guarded one, so a repeat changes nothing;
+    the summaries are read after every write landed, so of two dependencies ending at once
+    at least one teller reads both outcomes. A page of one is ``tell`` itself (one
+    ``findAndModify`` answers with the summary). A write the server refused is returned,
+    not raised, once the others' summaries are read (a deleted dependent has none).
+    """
+    pinned = driver.primary(collection)
+    refused: OperationFailure | None = None
+    if len(told) == 1:
+        row, fields = told[0]
+        try:
+            snapshot = await tell(collection, row["_id"], dependency_id, fields, mark, row)
+        except OperationFailure as exc:
+            return [], exc
+        return ([snapshot] if snapshot is not None else []), None
+    try:
+        await driver.bulk_update(
+            pinned, [tell_command(row["_id"], dependency_id, fields, mark, row) for row, fields in told]
+        )
+    except OperationFailure as exc:
+        refused = exc
+    ids = [row["_id"] for row, _ in told]
+    # A limit as well as a batch size: the server then closes the cursor with its one reply.
+    cursor = pinned.find({"_id": {"$in": ids}}, DEPENDENT_PROJECTION, limit=len(ids), batch_size=len(ids))
+    return [row async for row in cursor], refused
+
+
+async def release_page(collection: Any, ready: Sequence[tuple[Mapping[str, Any], Any]]) -> int:
+    """``release_parked`` for many dependents (snapshot, run_at) in one bulk write; returns how many matched."""
+    return await driver.bulk_update(
+        driver.primary(collection), [release_command(snapshot, run_at) for snapshot, run_at in ready]
+    )
 
 
 def release_command(snapshot: Mapping[str, Any], run_at: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +9,8 @@ import pymongo
 
 import beanie_tasks
 from beanie_tasks.task import Task
+from bench.links_report import links_section, read_large
+from bench.markdown import load, number, table
 from bench.memory import SAMPLE_EVERY, WAVE
 from bench.stats import Latency, Spread
 
@@ -25,17 +26,6 @@ WORKER_CPU_TARGET = (16, 1.25)  # (concurrency, ratio to the raw claim + finish 
 BATCHED_COMMANDS_TARGET = 0.5  # commands per task at concurrency 16, with batched claims
 LEAN_COMMANDS_TARGET = 2.1  # commands per task while draining, with lean change streams
 IDLE_TARGET = 1.0  # commands per second, however many classes
-
-
-def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
-    head = list(header)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def number(value: float) -> str:
-    return f"{value:g}" if value == int(value) else f"{value:.2f}"
 
 
 def op_cell(op: dict[str, Any] | None) -> str:
@@ -292,10 +282,6 @@ def memory_section(results: Results) -> str:
     )
 
 
-def load(averages: Any) -> str:
-    return " / ".join(f"{value:.1f}" for value in averages) if averages else "not available"
-
-
 def systems_section(results: Results) -> str:
     rows = [
         [
@@ -308,49 +294,6 @@ def systems_section(results: Results) -> str:
     ]
     rows += [[info["name"], info["version"], info["poll"], "`.venv/bench-peers`"] for info in results.peers.values()]
     return "## Systems\n\n" + table(["system", "version", "default wake-up / poll interval", "environment"], rows)
-
-
-def links_section(results: Results) -> str:
-    rows = []
-    for row in results.links:
-        fan_in = row.get("fan_in_refused")
-        rows.append(
-            [
-                f"{row['fan_out']:,}",
-                number(row["fan_out_push_commands_per_link"]),
-                f"{row['fan_out_push_seconds']:.1f}",
-                number(row["fan_out_finish_commands_per_link"]),
-                f"{row['fan_out_finish_seconds']:.2f}",
-                f"{row['fan_in']:,}",
-                "refused at push" if fan_in else f"{row['fan_in_push_commands']} in {row['fan_in_push_seconds']:.2f} s",
-                "-" if fan_in else number(row["fan_in_finish_commands_per_link"]),
-                "-" if fan_in else f"{row['fan_in_finish_seconds_per_link'] * 1000:.1f}",
-            ]
-        )
-    limit = results.links[0]["max_links_per_task"] if results.links else "?"
-    return (
-        "## 7. Dependency fan-out and fan-in\n\n"
-        "Fan-out: N dependents of one task, each pushed (find + insert + registration), then the one task finished "
-        "(its finisher tells every dependent, page by page). Fan-in: one dependent of N tasks, pushed, then the N "
-        f"finished one by one (claimed beforehand in batches, not counted: the finishes are what is measured). A "
-        f"dependent may wait for at most {limit} tasks; more is refused at push. `make bench` runs the sizes below; "
-        "`python -m bench --only links --links-large` runs fan-outs of 1,000 and 10,000 and fan-ins of 1,000 "
-        "(most of an hour on the bundled server, which scans).\n\n"
-        + table(
-            [
-                "fan-out",
-                "push commands / dependent",
-                "push s (all)",
-                "finish commands / dependent",
-                "finish s",
-                "fan-in",
-                "push of the dependent",
-                "commands / finished link",
-                "ms / finished link",
-            ],
-            rows,
-        )
-    )
 
 
 # The bulk push target: commands per task for 1,000 independent tasks.
@@ -558,7 +501,8 @@ def waiters_section(results: Results) -> str:
     )
 
 
-def write_markdown(results: Results) -> str:
+def write_markdown(results: Results, large: dict[str, Any] | None = None) -> str:
+    """The report; ``large`` is the last ``--links-large`` run (``links-large.json``), shown in section 7."""
     server = results.server
     sections = ", ".join(f"{name} {seconds:.0f}" for name, seconds in results.section_seconds.items()) or "-"
     parts = [
@@ -581,7 +525,7 @@ def write_markdown(results: Results) -> str:
         latency_section(results),
         scaling_section(results),
         memory_section(results),
-        links_section(results) if results.links else "## 7. Dependency fan-out and fan-in\n\nNot measured in this run.",
+        links_section(results.links, large),
         cpu_section(results),
         idle_section(results) if results.idle else "## 9. Idle commands per second\n\nNot measured in this run.",
         waiters_section(results),
@@ -669,6 +613,6 @@ def write_report(results: Results, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "latest.md"
     plot = out / "latest.png"
-    markdown.write_text(write_markdown(results))
+    markdown.write_text(write_markdown(results, read_large(out)))
     write_plot(results, plot)
     return markdown, plot

@@ -172,6 +172,31 @@ async def test_parked_dependent_with_garbage_links_is_set_aside(caplog: pytest.L
     assert error_lines_naming(caplog, top.id), f"no ERROR log line names the set-aside dependent {top.id}"
 
 
+async def test_a_refused_tell_does_not_hold_back_the_rest_of_its_page(caplog: pytest.LogCaptureFixture) -> None:
+    """The first dependent of a page cannot be told (its counters are a string): the others are released at once.
+
+    The garbage one is set aside with an ERROR line, and the dependency's flag is cleared by the
+    repair sweep once nothing is left to tell.
+    """
+    caplog.set_level(logging.WARNING)
+    mid = await Mid().push()
+    garbage = await Top(mids=[mid]).push()  # the lowest _id: first in the page
+    healthy = [await Top(mids=[mid]).push() for _ in range(2)]
+    await Top.collection().update_one({"_id": garbage.id}, {"$set": {"dep_links": {"mids": "garbage"}}})
+    claimed = await Mid.pop()
+    assert claimed is not None
+    await claimed.finish(0)
+    released = [await Top.pop() for _ in healthy]
+    assert {t.id for t in released if t is not None} == {t.id for t in healthy}
+    document = await stored(Top, garbage.id)
+    assert document["state"] == State.FAILED.value and document.get("error"), document["state"]
+    assert error_lines_naming(caplog, garbage.id), f"no ERROR log line names the set-aside dependent {garbage.id}"
+    # A wire server refuses the tell, so the flag stays for the sweep (mongomock applies it): either way the sweep
+    # leaves nothing to tell.
+    await Mid.check_dependencies()
+    assert "dependents_pending" not in await stored(Mid, mid.id)
+
+
 async def test_task_deleted_while_running_costs_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     """A task deleted while its run() works: the worker logs one line without a traceback, and keeps running."""
     caplog.set_level(logging.INFO)

@@ -378,12 +378,52 @@ async def test_pop_is_one_command_with_or_without_links_and_plain_finish_is_one(
 
 
 @pytest.mark.wire
-async def test_finishing_a_task_with_dependents_costs_per_dependent(backend: Backend) -> None:
+async def test_finishing_a_task_with_one_dependent_costs_four_commands_more(backend: Backend) -> None:
+    resize = await Resize(src="one").push()
+    await Publish(resize=resize).push()
+    claimed = await run(Resize)
+    backend.counter.reset()
+    await claimed.finish()
+    # The finish + 1 find of the dependents + 1 findAndModify telling it (its answer is what it now counts)
+    # + 1 update releasing it + 1 to clear the pending flag.
+    assert backend.counter.by_name() == {"findAndModify": 2, "find": 1, "update": 2}, backend.counter.commands
+    assert await Publish.pop() is not None
+
+
+@pytest.mark.wire
+@pytest.mark.parametrize("dependents", [3, 120])  # 120: more than a first cursor batch (101)
+async def test_finishing_a_task_with_dependents_costs_per_page_not_per_dependent(
+    backend: Backend, dependents: int
+) -> None:
     resize = await Resize(src="m").push()
-    for _ in range(3):
+    for _ in range(dependents):
         await Publish(resize=resize).push()
     claimed = await run(Resize)
     backend.counter.reset()
     await claimed.finish()
-    # 1 finish + 1 find of the dependents + per dependent (record + release) + 1 to clear the pending flag.
-    assert backend.counter.total == 1 + 1 + 3 * 2 + 1, backend.counter.commands
+    # 1 finish + 1 find of the dependents + 1 bulk write telling them + 1 read of what they now count
+    # + 1 bulk write releasing those ready + 1 to clear the pending flag, whatever the number of dependents.
+    assert backend.counter.by_name() == {"findAndModify": 1, "find": 2, "update": 3}, backend.counter.commands
+    released = [await run(Publish) for _ in range(dependents)]
+    assert len({task.id for task in released}) == dependents
+
+
+async def test_one_page_of_dependents_with_every_outcome() -> None:
+    """One failure tells a page holding dependents that fail, cascade, run anyway, fail at once and keep waiting."""
+    failing, other = await Resize(src="f").push(), await Resize(src="o").push()
+    publishes = [await Publish(resize=failing).push() for _ in range(2)]
+    announce = await Announce(publish=publishes[0]).push()
+    tolerant = await Tolerant(parts=[failing]).push()
+    all_of = await Report(parts=[failing, other]).push()
+    any_of = await Report(any_mirror=[failing, other]).push()
+    claimed = await run(Resize)
+    assert claimed.id == failing.id
+    await claimed.fail("broken", retry=False)
+    for task in (*publishes, announce, all_of):
+        state, error = await state_of(task)
+        assert state is State.FAILED and error, (type(task).__name__, state)
+    assert (await state_of(any_of))[0] is State.CREATED
+    assert (await run(Tolerant)).id == tolerant.id
+    assert await Report.pop() is None, "the ANY_OF report still waits for its other link"
+    await (await run(Resize)).finish()
+    assert (await run(Report)).id == any_of.id

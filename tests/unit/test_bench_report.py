@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
+from bench.links_report import LARGE_JSON, LARGE_MD, write_large
 from bench.report import write_markdown, write_report
 from bench.run import Results, Sizes
 
@@ -74,8 +76,11 @@ def fake_results() -> Results:
             "max_links_per_task": 1000,
             "fan_out_push_commands_per_link": 3.0,
             "fan_out_push_seconds": 1.0,
-            "fan_out_finish_commands_per_link": 1.1,
+            "fan_out_finish_commands_per_link": 0.06,
+            "fan_out_finish_commands": {"findAndModify": 1, "find": 2, "update": 3},
             "fan_out_finish_seconds": 0.5,
+            "fan_out_push_many_commands_per_link": 0.03,
+            "fan_out_push_many_seconds": 0.1,
             "fan_in_push_seconds": 0.4,
             "fan_in_push_commands": 102,
             "fan_in_finish_commands_per_link": 3.0,
@@ -146,3 +151,48 @@ def test_the_report_still_writes_its_plot(tmp_path: Path) -> None:
     markdown, plot = write_report(fake_results(), tmp_path)
     assert "## 8. Client CPU per task" in markdown.read_text()
     assert plot.stat().st_size > 0
+
+
+def large_run() -> Results:
+    """A ``--links-large`` run: 100 and 10,000 measured, a fan-in of 10,000 refused."""
+    results = Results(mode="links-large", sizes=Sizes())
+    results.server = {"label": "fake large", "version": "0"}
+    results.machine = {"date": "2026-12-02 14:00 UTC", "cpus": 2, "load_start": (1.0, 1.0, 1.0)}
+    results.seconds = 480.0
+    small = fake_results().links[0]
+    results.links = [
+        small,
+        small
+        | {"fan_out": 10_000, "fan_out_push_seconds": 150.0, "fan_out_finish_seconds": 85.0, "fan_in": 10_000}
+        | {"fan_out_push_many_seconds": 10.0}
+        | {"fan_in_refused": "FanJoin links 10,000 tasks; a task may depend on at most 1,000"},
+    ]
+    return results
+
+
+def test_a_fan_in_over_the_limit_is_reported_refused_with_its_error_and_why() -> None:
+    links = section(write_markdown(large_run()), "## 7. Dependency fan-out and fan-in")
+    refused = next(line for line in links.splitlines() if line.startswith("| 10,000 | **refused at push**"))
+    assert "a task may depend on at most 1,000" in refused
+    assert "at most 1,000 tasks, by design" in links and "more than linear time" in links
+    assert "from 100 to 10,000 dependents: `push()` 10.0 → 15.0, `push_many` 1.0 → 1.0, `finish()` 5.0 → 8.5" in links
+
+
+def test_the_large_run_writes_its_own_file_and_replaces_section_7_of_latest(tmp_path: Path) -> None:
+    latest = tmp_path / "latest.md"
+    latest.write_text(write_markdown(fake_results()))
+    before = latest.read_text()
+    write_large(large_run(), tmp_path)
+    assert (tmp_path / LARGE_JSON).exists()
+    own = (tmp_path / LARGE_MD).read_text()
+    assert own.startswith("# Dependency links at 100, 1,000 and 10,000") and "480 s" in own
+    assert "| 10,000 | **refused at push**" in own
+    after = latest.read_text()
+    assert section(after, "## 8. Client CPU per task") == section(before, "## 8. Client CPU per task")
+    spliced = section(after, "## 7. Dependency fan-out and fan-in")
+    assert "a separate run: 2026-12-02 14:00 UTC, 480 s, fake large" in spliced
+    assert "| 10,000 | 3 | 150.0 (15.0 ms) |" in spliced and "| 100 | 3 | 1.00 (10.0 ms) |" in spliced
+    assert "from the large run alone" in spliced
+    # A later full run keeps its own row and shows the large run's tables after it.
+    full = section(write_markdown(fake_results(), json.loads((tmp_path / LARGE_JSON).read_text())), "## 7.")
+    assert full.index("| 100 | 3 |") < full.index("a separate run") < full.index("| 10,000 | 3 |")
