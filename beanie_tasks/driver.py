@@ -249,7 +249,13 @@ async def aggregate(collection: Any, pipeline: list[dict[str, Any]]) -> list[dic
 # The server's code for an aggregation stage it does not know.
 UNRECOGNIZED_STAGE = 40324
 # Clients whose server refused ``$unionWith`` (older than 4.4, or a look-alike): asked branch by branch.
-_without_unions: weakref.WeakSet[Any] = weakref.WeakSet()
+# Keyed by the client object itself (clients to one server compare equal), through a weak reference.
+_without_unions: dict[int, weakref.ref[Any]] = {}
+
+
+def _refuses_unions(client: Any) -> bool:
+    entry = _without_unions.get(id(client))
+    return entry is not None and entry() is client
 
 
 async def union_aggregate(database: Any, branches: Sequence[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -263,7 +269,7 @@ async def union_aggregate(database: Any, branches: Sequence[tuple[str, list[dict
         return []
     (name, pipeline), rest = branches[0], branches[1:]
     first = database[name]
-    if traits(first).unions and database.client not in _without_unions:
+    if traits(first).unions and not _refuses_unions(database.client):
         combined = [*pipeline, *({"$unionWith": {"coll": other, "pipeline": steps}} for other, steps in rest)]
         try:
             return await aggregate(primary(first), combined)
@@ -271,7 +277,7 @@ async def union_aggregate(database: Any, branches: Sequence[tuple[str, list[dict
             if exc.code != UNRECOGNIZED_STAGE and "$unionWith" not in str(exc):
                 raise
             with contextlib.suppress(TypeError):  # a client without weak references asks again each time
-                _without_unions.add(database.client)
+                _without_unions[id(database.client)] = weakref.ref(database.client)
     rows = []
     for other, steps in branches:
         rows.extend(await aggregate(primary(database[other]), steps))
