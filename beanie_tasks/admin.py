@@ -114,10 +114,17 @@ async def set_aside_unclaimable(store: Store, *, limit: int = MAX_SET_ASIDE_PER_
     """
     count = 0
     for row, guard, field_name, problem in await store.unclaimable(limit):
-        value = repr(row.get(field_name, "<missing>"))[:100]
-        reason = f"malformed {store.name} document: {field_name} {value} {problem}; it can never be claimed"
-        count += await set_aside(store, row, reason, guard)
+        count += await set_aside_malformed(store, row, guard, field_name, problem)
     return count
+
+
+async def set_aside_malformed(
+    store: Store, row: Mapping[str, Any], guard: dict[str, Any], field_name: str, problem: str
+) -> bool:
+    """Set aside one document whose ``field_name`` has ``problem`` (see ``store.UNCLAIMABLE_CHECKS``)."""
+    value = repr(row.get(field_name, "<missing>"))[:100]
+    reason = f"malformed {store.name} document: {field_name} {value} {problem}; it can never be claimed"
+    return await set_aside(store, row, reason, guard)
 
 
 async def check_dependencies(store: Store) -> int:

@@ -810,17 +810,30 @@ async def sweep(owner: Store, *, reconcile: bool | None = None, has_links: bool 
     """Repair what a crash or a deletion can leave behind; returns how many tasks it touched.
 
     1. Tasks of this class that ended while dependents were still to be told
-       (the process died between the two): tell them now. One indexed ``find``.
+       (the process died between the two): tell them now (``tell_unfinished``).
     2. ``reconcile`` (by default at most every ``RECONCILE_EVERY`` seconds, for classes
        with link fields): check a page of this class's parked tasks against their
-       links, resuming where the last page ended, so successive rounds cover them all;
-       a link whose task was deleted fails the field (``on_failure`` applies), one that
-       ended is applied, one that never heard of its dependent is told again.
+       links (``reconcile_parked``).
 
     A malformed document is set aside, with its reason, and the sweep goes on.
     """
+    touched = await tell_unfinished(owner)
+    if not has_links:
+        return touched
+    if reconcile is None:
+        reconcile = reconcile_due(owner)
+    if reconcile:
+        touched += await reconcile_parked(owner)
+    return touched
+
+
+async def tell_unfinished(owner: Store, class_ids: Sequence[str] | None = None) -> int:
+    """Tell the dependents of this class's (or ``class_ids``') ended tasks whose finisher died first.
+
+    One indexed ``find``; returns how many ended tasks it found.
+    """
     touched = 0
-    for row in await owner.pending_dependencies(RECONCILE_BATCH):
+    for row in await owner.pending_dependencies(RECONCILE_BATCH, class_ids):
         touched += 1
         try:
             ended = Ended(owner.raw, row["_id"], state_value(row["state"]), row.get("error"), dependents_in(row))
@@ -829,16 +842,32 @@ async def sweep(owner: Store, *, reconcile: bool | None = None, has_links: bool 
             reason = f"dependents bookkeeping is malformed ({type(exc).__name__}: {exc})"
             log.error("%s %s: %s; cleared", owner.name, row.get("_id"), reason)
             await owner.update_guarded({"_id": row["_id"]}, {"$unset": {"dependents_pending": ""}})
-    if not has_links:
-        return touched
-    key = (str(owner.raw.database.name), str(owner.raw.name), owner.name)
-    now = time.monotonic()
-    if reconcile is None:
-        reconcile = now - _last_reconcile.get(key, float("-inf")) >= RECONCILE_EVERY
-    if reconcile:
-        _last_reconcile[key] = now
-        touched += await _reconcile(owner)
     return touched
+
+
+def _reconcile_key(owner: Store) -> tuple[str, str, str]:
+    return (str(owner.raw.database.name), str(owner.raw.name), owner.name)
+
+
+def reconcile_due(owner: Store) -> bool:
+    """Whether this process last checked the class's parked tasks ``RECONCILE_EVERY`` seconds ago or more."""
+    return time.monotonic() - _last_reconcile.get(_reconcile_key(owner), float("-inf")) >= RECONCILE_EVERY
+
+
+def reconciled(owner: Store) -> None:
+    """Count the class's parked tasks as checked now (there were none to check)."""
+    _last_reconcile[_reconcile_key(owner)] = time.monotonic()
+
+
+async def reconcile_parked(owner: Store) -> int:
+    """Check a page of this class's parked tasks against their links, resuming where the last page ended.
+
+    Successive calls cover them all. A link whose task was deleted fails the field
+    (``on_failure`` applies), one that ended is applied, one that never heard of its
+    dependent is told again.
+    """
+    reconciled(owner)
+    return await _reconcile(owner)
 
 
 async def check_dependencies(owner: Store) -> int:

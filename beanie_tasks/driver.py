@@ -7,7 +7,10 @@ up the backend's ``Traits`` once per collection type.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,6 +132,7 @@ class Traits:
     removes_in_pipeline: bool  # "$$REMOVE" in a pipeline update drops an existing field
     sorted_bulk_updates: bool  # accepts PyMongo >= 4.11's UpdateOne (which passes ``sort``)
     read_preferences: bool  # ``with_options(read_preference=...)`` returns a usable async collection
+    unions: bool  # ``$unionWith`` in an aggregation pipeline (MongoDB 4.4+)
 
 
 _known_traits: dict[type, Traits] = {}
@@ -144,6 +148,7 @@ def _traits_of(collection_type: type) -> Traits:
         removes_in_pipeline=not mock,
         sorted_bulk_updates=not mock,
         read_preferences=not mock,
+        unions=not mock,
     )
 
 
@@ -239,6 +244,44 @@ async def aggregate(collection: Any, pipeline: list[dict[str, Any]]) -> list[dic
     if inspect.isawaitable(cursor):
         cursor = await cursor
     return [row async for row in cursor]
+
+
+# The server's code for an aggregation stage it does not know.
+UNRECOGNIZED_STAGE = 40324
+# Clients whose server refused ``$unionWith`` (older than 4.4, or a look-alike): asked branch by branch.
+# Keyed by the client object itself (clients to one server compare equal), through a weak reference.
+_without_unions: dict[int, weakref.ref[Any]] = {}
+
+
+def _refuses_unions(client: Any) -> bool:
+    entry = _without_unions.get(id(client))
+    return entry is not None and entry() is client
+
+
+async def union_aggregate(database: Any, branches: Sequence[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The rows of several pipelines, each on its own collection of ``database``, read from the primary.
+
+    One ``aggregate``: the first pipeline, then a ``$unionWith`` for each other one.
+    mongomock has no ``$unionWith``, nor has a server that refuses it (remembered per
+    client): there each pipeline is its own ``aggregate``.
+    """
+    if not branches:
+        return []
+    (name, pipeline), rest = branches[0], branches[1:]
+    first = database[name]
+    if traits(first).unions and not _refuses_unions(database.client):
+        combined = [*pipeline, *({"$unionWith": {"coll": other, "pipeline": steps}} for other, steps in rest)]
+        try:
+            return await aggregate(primary(first), combined)
+        except OperationFailure as exc:
+            if exc.code != UNRECOGNIZED_STAGE and "$unionWith" not in str(exc):
+                raise
+            with contextlib.suppress(TypeError):  # a client without weak references asks again each time
+                _without_unions[id(database.client)] = weakref.ref(database.client)
+    rows = []
+    for other, steps in branches:
+        rows.extend(await aggregate(primary(database[other]), steps))
+    return rows
 
 
 async def bulk_update(collection: Any, updates: list[tuple[dict[str, Any], dict[str, Any]]]) -> int:

@@ -37,16 +37,22 @@ field, each present only when the class has one)
 -----------------------------------------------------------------------------------
 * ``bt_claim``: ``P, C, state, priority desc, run_at, _id``: the claim, in
   equality-sort-range order; also counts and the oldest ready task;
-* ``bt_lease``: ``C, state, lease_expires_at``: lease recovery;
+* ``bt_lease``: ``C, state, lease_expires_at``: lease recovery and its probe;
 * ``bt_dedupe``: ``P, C, dedupe_slot``, unique, only documents with a slot;
 * ``bt_expiry``: ``expires_at``, TTL (set only at a terminal transition);
-* ``bt_dependents``: ``dependents_pending``, only where true: the repair sweep;
+* ``bt_dependents``: ``dependents_pending``, only where true: the repair sweep and its probe;
 * ``bt_waiting``: ``dep_wait.i``, only parked dependents: telling dependents;
-* ``bt_blocked``: ``dep_blocked, _id``, only parked dependents: the reconcile sweep;
+* ``bt_blocked``: ``dep_blocked, _id``, only parked dependents: the reconcile sweep and its probe;
 * ``bt_finished``: ``C, state, finished_at desc, _id desc``: the dashboard's newest-ended lists
   and its finished-per-minute chart;
 * ``bt_slot_key`` / ``bt_rate_key``: ``C, concurrency_key / rate_limit_key, state``, for a
   class with ``key_concurrency`` / ``key_rate_limit``: parking and unparking one key.
+
+The maintenance probe
+---------------------
+One ``aggregate`` per database and round (``probe``): a ``$unionWith`` of ``Question``
+branches, each matched on the fields of one of the indexes above, ``$limit``-ed, and
+answering with the classes it found work for (``maintenance`` sends the repairs).
 
 Change streams (opened by ``wakeup``)
 -------------------------------------
@@ -120,6 +126,28 @@ DEDUPE_ROUNDS = 5
 # a counter that is not a number (TypeMismatch), a document over the size limit after the update.
 DOCUMENT_REFUSALS = frozenset({14, 10334, 17419})
 
+# What makes a document one no claim or recovery would ever pick up: the condition, the
+# field at fault and what is wrong with it (``Store.unclaimable``, the maintenance probe).
+UNCLAIMABLE_CHECKS: tuple[tuple[dict[str, Any], str, str], ...] = (
+    ({"state": {"$nin": [s.value for s in State]}}, "state", "is not a known state"),
+    ({"state": {"$type": "array"}}, "state", "is an array, not a state"),
+    (
+        {"state": State.CREATED.value, "run_at": {"$not": {"$type": "date"}}},
+        "run_at",
+        "is missing or not a date",
+    ),
+    (
+        {"state": State.RUNNING.value, "lease_expires_at": {"$not": {"$type": "date"}}},
+        "lease_expires_at",
+        "is missing or not a date on a RUNNING task",
+    ),
+    (
+        {"state": {"$in": IN_FLIGHT}, "attempts": {"$exists": True, "$not": {"$type": "number"}}},
+        "attempts",
+        "is not a number",
+    ),
+)
+
 # The key marking a claimed document the driver could not decode: the claim took it,
 # so the caller sets it aside by its lease token instead of leaving it RUNNING.
 UNDECODABLE = "__beanie_tasks_undecodable__"
@@ -183,12 +211,18 @@ class Store:
 
     # ------------------------------------------------------------ scope
 
-    def scope(self) -> dict[str, Any]:
-        """The filter that keeps every command to this class and its subclasses."""
+    def scope(self, class_ids: Sequence[str] | None = None) -> dict[str, Any]:
+        """The filter that keeps every command to this class and its subclasses (or to ``class_ids`` of them)."""
         if self.class_field is None or self._class_ids is None:
             return {}
-        ids = list(self._class_ids())
+        ids = list(self._class_ids()) if class_ids is None else list(class_ids)
         return {self.class_field: ids[0] if len(ids) == 1 else {"$in": ids}}
+
+    def class_ids(self) -> list[str] | None:
+        """The class field values of this class and its subclasses (None: the collection has no class field)."""
+        if self.class_field is None or self._class_ids is None:
+            return None
+        return list(self._class_ids())
 
     def now(self) -> datetime:
         return clock.now(self.raw)
@@ -873,25 +907,51 @@ class Store:
 
     # ----------------------------------------------------------- recovery
 
-    async def recover_expired(self) -> int:
-        """Deliver again tasks whose lease expired, or end them FAILED past ``max_redeliveries``: one ``update_many``.
+    async def recover_expired(self, class_ids: Sequence[str] | None = None) -> int:
+        """Deliver again tasks whose lease expired, or end them FAILED past ``max_redeliveries``.
 
         A lost lease gives its attempt back (``max_attempts`` counts the handler's own
         failures) and counts a redelivery instead, so a crashed worker's task runs again
         by default while a task that keeps killing its workers still ends, FAILED.
+        One ``update_many`` per recovery policy among the classes in scope (or ``class_ids``):
+        a subclass's document is recovered under its own ``max_redeliveries`` and ``ttl``.
         """
+        recovered = 0
+        for options, ids in self.policies(class_ids):
+            recovered += await self._recover_expired(options, ids)
+        return recovered
+
+    def policies(self, class_ids: Sequence[str] | None = None) -> list[tuple[TaskOptions, list[str] | None]]:
+        """The classes in scope (or ``class_ids``) grouped by the recovery settings of each one's own registered class.
+
+        One group, ``(options, None)``, for a collection without a class field; a class not
+        registered in this process takes this store's settings.
+        """
+        ids = self.class_ids() if class_ids is None else list(class_ids)
+        if ids is None:
+            return [(self.options, None)]
+        groups: dict[tuple[int, float | None], tuple[TaskOptions, list[str]]] = {}
+        for class_id in ids:
+            options = owner_of(self, class_id).options
+            groups.setdefault((options.max_redeliveries, options.ttl), (options, []))[1].append(class_id)
+        if len(groups) == 1 and class_ids is None:
+            options, _ = next(iter(groups.values()))
+            return [(options, None)]  # the whole scope, as one filter
+        return list(groups.values())
+
+    async def _recover_expired(self, options: TaskOptions, class_ids: Sequence[str] | None) -> int:
         now = self.now()
-        limit = self.options.max_redeliveries
+        limit = options.max_redeliveries
         redeliveries = {"$ifNull": ["$redeliveries", 0]}
         exhausted = {"$gte": [redeliveries, limit]}
-        ttl = self.options.ttl
+        ttl = options.ttl
         expires = now + timedelta(seconds=ttl) if ttl is not None else None
         reason = (
             f"lease expired while running (worker died or stalled) {limit + 1} time(s); not delivered again"
             if limit
             else "lease expired while running (worker died or stalled); max_redeliveries is 0"
         )
-        expired = self.scope() | {
+        expired = self.scope(class_ids) | {
             "state": State.RUNNING.value,
             "lease_expires_at": {"$lt": now},
             "attempts": {"$type": "number"},  # anything else is set aside by the unclaimable sweep
@@ -921,7 +981,7 @@ class Store:
         if result.modified_count:
             await driver.remove_fields_after_pipeline(
                 self.collection,
-                self.scope() | {"state": State.FAILED.value, "dedupe_slot": {"$exists": True}},
+                self.scope(class_ids) | {"state": State.FAILED.value, "dedupe_slot": {"$exists": True}},
                 ["dedupe_slot"],
             )
         return int(result.modified_count)
@@ -952,27 +1012,8 @@ class Store:
 
     async def unclaimable(self, limit: int) -> list[tuple[dict[str, Any], dict[str, Any], str, str]]:
         """Documents no claim or recovery would ever pick up, with the guard, field and problem of each."""
-        checks: list[tuple[dict[str, Any], str, str]] = [
-            ({"state": {"$nin": [s.value for s in State]}}, "state", "is not a known state"),
-            ({"state": {"$type": "array"}}, "state", "is an array, not a state"),
-            (
-                {"state": State.CREATED.value, "run_at": {"$not": {"$type": "date"}}},
-                "run_at",
-                "is missing or not a date",
-            ),
-            (
-                {"state": State.RUNNING.value, "lease_expires_at": {"$not": {"$type": "date"}}},
-                "lease_expires_at",
-                "is missing or not a date on a RUNNING task",
-            ),
-            (
-                {"state": {"$in": IN_FLIGHT}, "attempts": {"$exists": True, "$not": {"$type": "number"}}},
-                "attempts",
-                "is not a number",
-            ),
-        ]
         found = []
-        for condition, field_name, problem in checks:
+        for condition, field_name, problem in UNCLAIMABLE_CHECKS:
             scoped = self.scope() | condition
             async for row in self.collection.find(scoped, {field_name: 1}).limit(limit):
                 found.append((row, {"_id": row["_id"], **condition}, field_name, problem))
@@ -1222,9 +1263,9 @@ class Store:
         result = await self.collection_named(collection_name).update_many(*self.registration(ids))
         return int(result.matched_count)
 
-    async def pending_dependencies(self, limit: int) -> list[dict[str, Any]]:
-        """Ended tasks of this class whose dependents may not all have been told (a finisher died)."""
-        selector = self.scope() | {"dependents_pending": True, "state": {"$in": TERMINAL}}
+    async def pending_dependencies(self, limit: int, class_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Ended tasks of this class (or ``class_ids``) whose dependents may not all have been told (finisher died)."""
+        selector = self.scope(class_ids) | {"dependents_pending": True, "state": {"$in": TERMINAL}}
         cursor = self.collection.find(selector, {**ENDED_PROJECTION, "state": 1, "error": 1}).limit(limit)
         return [row async for row in cursor]
 
@@ -1245,6 +1286,128 @@ class Store:
     @reconcile_after.setter
     def reconcile_after(self, value: Any) -> None:
         self._reconcile_after = value
+
+
+# ------------------------------------------------------------ the maintenance probe
+# One ``aggregate`` per database asks every question a maintenance round has, for every
+# collection and class at once (``maintenance``). Each question is a branch of indexed,
+# ``$limit``-ed stages; its rows carry a marker ``m``: the class id it found work for
+# (None in a collection without a class field) or a limit scope.
+
+# The key naming, in each row of the probe, the question it answers.
+PROBE_QUESTION = "bt_q"
+# Documents a grouping question reads at most: one that reads this many may leave a class out.
+PROBE_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Question:
+    """One branch of the maintenance probe: ``pipeline`` on ``collection`` (a name in the probed database).
+
+    ``grouped`` rows count their class's documents (``n``); the others are at most one row, or
+    (for malformed documents) the documents themselves.
+    """
+
+    collection: str
+    pipeline: list[dict[str, Any]]
+    grouped: bool = False
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one question found: its rows, and whether they name every class there is work for."""
+
+    rows: list[dict[str, Any]]
+    complete: bool
+
+    @property
+    def markers(self) -> set[Any]:
+        return {row.get("m") for row in self.rows}
+
+
+def _class_of(class_field: str | None) -> Any:
+    return f"${class_field}" if class_field is not None else None
+
+
+def _among(class_field: str | None, class_ids: Sequence[str] | None) -> dict[str, Any]:
+    if class_field is None or class_ids is None:
+        return {}
+    return {class_field: class_ids[0] if len(class_ids) == 1 else {"$in": list(class_ids)}}
+
+
+def expired_leases_question(collection: str, class_field: str | None, class_id: str | None, now: datetime) -> Question:
+    """Whether the class (every class, without a class field) has a RUNNING task whose lease expired.
+
+    An equality on the class, then on ``state``, then the range: ``bt_lease``'s keys in
+    order, so one index key answers it; one question per class keeps it so.
+    """
+    selector = _among(class_field, [class_id] if class_id is not None else None)
+    selector |= {"state": State.RUNNING.value, "lease_expires_at": {"$lt": now}}
+    marker = {"$project": {"_id": 0, "m": {"$literal": class_id}}}
+    return Question(collection, [{"$match": selector}, {"$limit": 1}, marker])
+
+
+def _grouped_question(
+    collection: str, flag: str, rest: dict[str, Any], class_field: str | None, class_ids: Sequence[str] | None
+) -> Question:
+    # The first stage names the partial index's flag alone, so a planner that only uses an index
+    # covering the whole filter (the bundled server's) serves it too; MongoDB merges the two stages.
+    return Question(
+        collection,
+        [
+            {"$match": {flag: True}},
+            {"$match": _among(class_field, class_ids) | rest},
+            {"$limit": PROBE_LIMIT},
+            {"$group": {"_id": _class_of(class_field), "n": {"$sum": 1}}},
+            {"$project": {"_id": 0, "m": "$_id", "n": 1}},
+        ],
+        grouped=True,
+    )
+
+
+def told_dependents_question(collection: str, class_field: str | None, class_ids: Sequence[str] | None) -> Question:
+    """Which classes have an ended task whose dependents may not all have been told: ``bt_dependents``."""
+    return _grouped_question(collection, "dependents_pending", {"state": {"$in": TERMINAL}}, class_field, class_ids)
+
+
+def parked_question(collection: str, class_field: str | None, class_ids: Sequence[str] | None) -> Question:
+    """Which classes have dependents parked until their links end: ``bt_blocked``."""
+    return _grouped_question(collection, "dep_blocked", {"state": State.CREATED.value}, class_field, class_ids)
+
+
+def stale_slots_question(scope: str, settled_before: datetime) -> Question:
+    """Whether a concurrency slot of ``scope`` has a holder older than ``settled_before``: ``bt_limit_holders``."""
+    selector = {"scope": scope, "holders.at": {"$lt": settled_before}}
+    return Question(
+        LIMITS_COLLECTION, [{"$match": selector}, {"$limit": 1}, {"$project": {"_id": 0, "m": {"$literal": scope}}}]
+    )
+
+
+def malformed_question(
+    collection: str, class_field: str | None, class_ids: Sequence[str] | None, check: int, limit: int
+) -> Question:
+    """Documents failing ``UNCLAIMABLE_CHECKS[check]`` (with their class field), at most ``limit``."""
+    condition, field_name, _ = UNCLAIMABLE_CHECKS[check]
+    projection = {field_name: 1} | ({class_field: 1} if class_field is not None else {})
+    selector = _among(class_field, class_ids) | condition
+    return Question(collection, [{"$match": selector}, {"$limit": limit}, {"$project": projection}])
+
+
+async def probe(database: Any, questions: Sequence[Question]) -> list[Answer]:
+    """Ask every question in one ``aggregate`` on ``database`` (see ``driver.union_aggregate``)."""
+    if not questions:
+        return []
+    branches = [
+        (q.collection, [*q.pipeline, {"$addFields": {PROBE_QUESTION: {"$literal": i}}}])
+        for i, q in enumerate(questions)
+    ]
+    found: list[list[dict[str, Any]]] = [[] for _ in questions]
+    for row in await driver.union_aggregate(database, branches):
+        found[int(row.pop(PROBE_QUESTION))].append(row)
+    return [
+        Answer(rows, complete=not q.grouped or sum(int(r.get("n", 0)) for r in rows) < PROBE_LIMIT)
+        for q, rows in zip(questions, found, strict=True)
+    ]
 
 
 def states_query(ids: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1731,6 +1894,19 @@ def stores_in(collection_name: str, database: Any = None) -> list[Store]:
         return found
     here = [s for s in found if s.raw.database.name == database.name]
     return sorted(here, key=lambda s: s.raw.database.client is not database.client)
+
+
+def owner_of(scope_store: Store, class_id: Any) -> Store:
+    """The registered store of exactly the class ``class_id`` names in ``scope_store``'s collection (one on
+    the same client first): whose settings apply to its documents. ``scope_store`` when none is registered."""
+    if scope_store.class_field is None:
+        return scope_store
+    raw = scope_store.raw
+    for candidate in stores_in(str(raw.name), raw.database):
+        ids = candidate.class_ids()
+        if candidate.class_field == scope_store.class_field and ids and ids[0] == class_id:
+            return candidate
+    return scope_store
 
 
 _sync_stores: weakref.WeakKeyDictionary[type, SyncStore] = weakref.WeakKeyDictionary()

@@ -12,7 +12,7 @@ import contextlib
 import heapq
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import bson
@@ -51,6 +51,72 @@ def due_announced(change: Mapping[str, Any]) -> datetime | None:
     return clock.as_utc(due)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _latest_first(due: datetime) -> tuple[int, datetime]:
+    """A max-heap key: the later the time, the smaller (whole microseconds, so exact)."""
+    return -((due - _EPOCH) // timedelta(microseconds=1)), due
+
+
+class DueTimes:
+    """Announced due times still ahead, each once: O(log n) to add one or drop the earliest or latest.
+
+    A min-heap serves the earliest (the next wake-up), a max-heap the latest (dropped when
+    the worker remembers too many), and a set says which times are still held: an entry
+    the other heap already dropped is skipped when met, and a heap whose dropped entries
+    outnumber the held ones is rebuilt from the set (amortised O(1) per change).
+    """
+
+    def __init__(self) -> None:
+        self._held: set[datetime] = set()
+        self._earliest: list[datetime] = []
+        self._latest: list[tuple[int, datetime]] = []
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __contains__(self, due: object) -> bool:
+        return due in self._held
+
+    def add(self, due: datetime) -> None:
+        if due in self._held:
+            return
+        self._held.add(due)
+        heapq.heappush(self._earliest, due)
+        heapq.heappush(self._latest, _latest_first(due))
+
+    def earliest(self) -> datetime | None:
+        while self._earliest and self._earliest[0] not in self._held:
+            heapq.heappop(self._earliest)
+        return self._earliest[0] if self._earliest else None
+
+    def latest(self) -> datetime | None:
+        while self._latest and self._latest[0][1] not in self._held:
+            heapq.heappop(self._latest)
+        return self._latest[0][1] if self._latest else None
+
+    def drop_until(self, now: datetime) -> None:
+        """Forget every due time at or before ``now``."""
+        while (due := self.earliest()) is not None and due <= now:
+            heapq.heappop(self._earliest)
+            self._held.discard(due)
+        self._compact()
+
+    def drop_latest(self) -> None:
+        if self.latest() is not None:
+            self._held.discard(heapq.heappop(self._latest)[1])
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._earliest) > 2 * len(self._held) + 16:
+            self._earliest = list(self._held)
+            heapq.heapify(self._earliest)
+        if len(self._latest) > 2 * len(self._held) + 16:
+            self._latest = [_latest_first(due) for due in self._held]
+            heapq.heapify(self._latest)
+
+
 class Wakeup:
     """Sleeps until something worth a claim attempt happens, or a bounded time passes.
 
@@ -81,7 +147,7 @@ class Wakeup:
         self._collection = primary(collection)
         self._max_await = max_await
         self._now = now
-        self._dues: list[datetime] = []  # a heap of the announced due times still ahead
+        self.dues = DueTimes()  # the announced due times still ahead
         self.opened = False  # set each time a stream opens: what was announced before it is unknown
         self.overflowed = False  # more due times were announced than MAX_DUES: some are not remembered
         self._pipeline = pipeline if pipeline is not None else CLAIMABLE_CHANGES
@@ -143,26 +209,29 @@ class Wakeup:
         self._event.set()
 
     def expect(self, due: datetime) -> None:
-        """A task becomes due at ``due``: ``wait`` returns by then (each due time once)."""
-        if due in self._dues:
+        """A task becomes due at ``due``: ``wait`` returns by then (each due time once, O(log n)).
+
+        A time at or past ``clock.FAR_FUTURE`` is how a task waiting for its links or a
+        concurrency slot is parked, not a due time: it is ignored.
+        """
+        if due >= clock.FAR_FUTURE or due in self.dues:
             return
-        if len(self._dues) >= MAX_DUES:
+        if len(self.dues) >= MAX_DUES:
             # Too many to remember: keep the earliest; the worker's periodic claim finds the rest.
-            if due >= max(self._dues):
-                self.overflowed = True
-                return
-            self._dues.remove(max(self._dues))
-            heapq.heapify(self._dues)
             self.overflowed = True
-        earliest = self._dues[0] if self._dues else None
-        heapq.heappush(self._dues, due)
+            latest = self.dues.latest()
+            if latest is not None and due >= latest:
+                return
+            self.dues.drop_latest()
+        earliest = self.dues.earliest()
+        self.dues.add(due)
         if earliest is None or due < earliest:
             self._rearm.set()  # a wait in progress works out its timeout again
 
     @property
     def expecting(self) -> bool:
         """Whether announced due times are still ahead (or some could not be remembered)."""
-        return bool(self._dues) or self.overflowed
+        return bool(self.dues) or self.overflowed
 
     def claimed(self) -> None:
         """A claim succeeded: poll eagerly again."""
@@ -184,13 +253,13 @@ class Wakeup:
         deadline = loop.time() + self._idle_timeout
         while True:
             timeout = deadline - loop.time()
-            if self._dues and self._now is not None:
+            earliest = self.dues.earliest()
+            if earliest is not None and self._now is not None:
                 now = self._now()
-                if self._dues[0] <= now:
-                    while self._dues and self._dues[0] <= now:
-                        heapq.heappop(self._dues)
+                if earliest <= now:
+                    self.dues.drop_until(now)
                     return True  # a task announced earlier is due now
-                timeout = min(timeout, (self._dues[0] - now).total_seconds())
+                timeout = min(timeout, (earliest - now).total_seconds())
             if timeout <= 0:
                 return False
             self._rearm.clear()

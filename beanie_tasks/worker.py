@@ -25,13 +25,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from types import ModuleType
 from typing import Any
 
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from beanie_tasks import clock, store
+from beanie_tasks import clock, dependencies, maintenance, store
 from beanie_tasks.acks import ACK_WINDOW, FinishBatcher
 from beanie_tasks.discovery import import_modules, task_classes_in
 from beanie_tasks.errors import LeaseLost, TaskCancelled, TransitionError
@@ -49,7 +48,7 @@ from beanie_tasks.hooks import (
     Outcome,
     RunHooks,
 )
-from beanie_tasks.limits import SLOT_CLAIM_GRACE, LimitPolicy
+from beanie_tasks.limits import LimitPolicy
 from beanie_tasks.redact import get_logger, redact_text
 from beanie_tasks.states import State
 from beanie_tasks.store import MAX_BATCH
@@ -584,30 +583,20 @@ class Worker:
             await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _maintain(self, *, sweep: bool) -> None:
-        """Recover expired leases (and the limit slots they held); now and then set aside unclaimable documents.
+        """Recover expired leases (and the limit slots they held), tell dependents a dead finisher
+        did not; now and then set aside unclaimable documents.
 
-        Each class is maintained on its own: one that fails is logged and the others go on.
-        A lost connection is the claim loop's business (it waits for the server).
+        One probe per database finds what needs it (``maintenance``), so an idle round costs
+        one command however many classes the worker runs. A repair that fails is logged and
+        the others go on; a lost connection is the claim loop's business (it waits for the server).
         """
-        for task_class in self.task_classes:
-            task_store = task_class.task_store()
-            try:
-                await clock.refresh(task_store.raw)
-                await task_store.retry_undos()
-                if sweep:
-                    await task_class.set_aside_unclaimable()
-                await task_class.recover_expired()
-                await task_store.reconcile_slots(task_store.now() - timedelta(seconds=SLOT_CLAIM_GRACE))
-            except ConnectionFailure:
-                raise
-            except Exception as exc:  # one class's broken data must not stop the others' recovery
-                self.stats["maintenance failed"] += 1
-                log.error(
-                    "worker %s: maintenance of %s failed (%s); the other classes go on",
-                    self.consumer_id,
-                    task_class.__name__,
-                    redact_text(describe_error(exc) or ""),
-                )
+        classes = [
+            maintenance.Maintained(c.task_store(), has_links=bool(dependencies.declared_links(c)))
+            for c in self.task_classes
+        ]
+        report = await maintenance.maintain(classes, who=f"worker {self.consumer_id}", sweep=sweep)
+        if report.failures:
+            self.stats["maintenance failed"] += report.failures
 
     async def _claim_next(self) -> bool:
         """Claim, trying classes (and partitions) round-robin from where the last claim left off.

@@ -1,10 +1,11 @@
 """Idle commands per second: what a worker with nothing to do sends, by command name.
 
 An idle worker should cost the server next to nothing, however many classes it runs:
-a change stream per collection waits on the server, and maintenance (lease recovery)
-runs every ``recovery_interval``. The worker runs with its defaults; its start-up is
-left out (counting starts once it has sent nothing but getMores for a moment), then
-every command it sends over ``seconds`` is counted.
+one change stream per database waits on the server, and each maintenance round (every
+``recovery_interval``) is one probe per database (``beanie_tasks.maintenance``). The
+worker runs with its defaults; its start-up is left out (counting starts once it has
+sent nothing but getMores for a moment), then every command it sends over ``seconds``
+is counted.
 """
 
 from __future__ import annotations

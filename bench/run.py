@@ -155,6 +155,8 @@ async def run(args: argparse.Namespace) -> Results:
         sizes = dataclasses.replace(sizes, memory_tasks=args.memory_tasks)
     if args.memory_budget is not None:
         sizes = dataclasses.replace(sizes, memory_budget_seconds=args.memory_budget)
+    if args.idle_seconds is not None:
+        sizes = dataclasses.replace(sizes, idle_seconds=args.idle_seconds)
     if args.links_large:
         sizes = dataclasses.replace(sizes, link_fans=LARGE_LINK_FANS)
     results = Results(mode="links-large" if args.links_large else "quick" if args.quick else "full", sizes=sizes)
@@ -328,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--memory-budget", type=float, help="seconds after which the memory run stops early (default 150; 120 quick)"
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        help="seconds each idle layout is counted (default 10; 3 quick); 120 or more takes in the worker's "
+        "slower periodic commands (a safety-net claim every 6 rounds, its registry entry every 20 s)",
     )
     parser.add_argument(
         "--links-large",

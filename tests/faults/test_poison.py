@@ -198,16 +198,19 @@ async def test_a_failing_maintenance_round_stops_neither_claims_nor_other_recove
     """One class's lease recovery keeps raising: both classes' tasks still run, the other class still recovers."""
     calls: list[str] = []
 
-    async def broken(cls: type[Task]) -> int:
-        calls.append(cls.__name__)
+    async def broken(class_ids: Any = None) -> int:
+        calls.append("Unrecoverable")
         raise OperationFailure("boom")
 
-    monkeypatch.setattr(Unrecoverable, "recover_expired", classmethod(broken))
+    # The worker's maintenance recovers through each class's store, and only for a class with an expired lease.
+    monkeypatch.setattr(Unrecoverable.task_store(), "recover_expired", broken)
+    stuck = await Unrecoverable(n=8).push()
     orphan = await Bystander(n=9).push()
-    held = await Bystander.pop(consumer_id="died")
-    assert held is not None and held.id == orphan.id
+    held, lost = await Bystander.pop(consumer_id="died"), await Unrecoverable.pop(consumer_id="died")
+    assert held is not None and held.id == orphan.id and lost is not None and lost.id == stuck.id
     plain = [await Unrecoverable(n=i).push() for i in range(2)] + [await Bystander(n=i).push() for i in range(2)]
     await Bystander.collection().update_one({"_id": orphan.id}, {"$set": {"lease_expires_at": long_ago()}})
+    await Unrecoverable.collection().update_one({"_id": stuck.id}, {"$set": {"lease_expires_at": long_ago()}})
 
     classes = [Unrecoverable, Bystander] if failing_first else [Bystander, Unrecoverable]
     async with background(worker_for(*classes)) as job:
