@@ -66,7 +66,9 @@ from beanie_tasks.wakeup import Wakeup
 log = get_logger("beanie_tasks.worker")
 
 # On a quiet queue the worker skips the claim of a maintenance round, but not of every
-# this-many-th round (a safety net for whatever a change stream might miss).
+# this-many-th round (a safety net for whatever a change stream might miss). That claim
+# tries one queue, the next in turn each time, so an idle worker's cost stays the same
+# however many classes it runs.
 CLAIM_EVERY_QUIET_ROUNDS = 6
 # The longest an idle wake-up stream's getMore waits on the server for a change.
 STREAM_MAX_AWAIT = 5.0
@@ -499,14 +501,14 @@ class Worker:
                         # rounds the worker claims anyway, whatever a stream may have missed.
                         quiet = not await self._idle(wakeups, until=next_maintenance - loop.time())
                         continue
-                quiet = False
+                safety_net, quiet = quiet, False
                 if len(self._running) >= self.concurrency:
                     self._slot_freed.clear()
                     await self._until(self._slot_freed, timeout=next_maintenance - loop.time())
                     continue
                 await self._gather_free_slots()
                 self._slot_freed.clear()  # a task ending from here on warrants another claim round
-                started = await self._claim_next()
+                started = await self._claim_next(only_one=safety_net)
             except ConnectionFailure as exc:
                 self.ready = False
                 await outage.wait(exc, self._stopping)
@@ -598,16 +600,20 @@ class Worker:
         if report.failures:
             self.stats["maintenance failed"] += report.failures
 
-    async def _claim_next(self) -> bool:
+    async def _claim_next(self, *, only_one: bool = False) -> bool:
         """Claim, trying classes (and partitions) round-robin from where the last claim left off.
 
         One task at a time (one ``findAndModify``) until a queue shows a backlog; then every
         free slot is claimed in one go (a batch claim: three commands whatever the count).
+        ``only_one`` (the quiet worker's safety net) tries the next queue alone, and moves
+        the turn on, so the next safety net tries the one after it.
         """
         count = len(self._queues)
         free = self.concurrency - len(self._running)
         self._room_was_short = False
-        for offset in range(count):
+        if only_one:
+            self._next_class = (self._next_class + 1) % count
+        for offset in range(1 if only_one else count):
             index = (self._next_class + offset) % count
             task_class, partition = self._queues[index]
             room = free

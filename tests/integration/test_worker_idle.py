@@ -122,3 +122,61 @@ async def test_each_of_several_delayed_pushes_wakes_the_worker_when_it_falls_due
     for name, delay in delays.items():
         late = Started.at[name] - pushed - delay
         assert -0.05 <= late < 1.0, f"{name} started {late:+.2f} s from its due time"
+
+
+class Quiet(Task):
+    """Four classes in one collection, maintained (and safety-netted) every 0.2 s."""
+
+    class Settings:
+        is_root = True
+        name = "idle_quiet"
+
+    class TaskSettings:
+        recovery_interval = 0.2
+
+
+class QuietA(Quiet):
+    async def run(self) -> None: ...
+
+
+class QuietB(Quiet):
+    async def run(self) -> None: ...
+
+
+class QuietC(Quiet):
+    async def run(self) -> None: ...
+
+
+class QuietD(Quiet):
+    async def run(self) -> None: ...
+
+
+@pytest.mark.wire
+async def test_the_safety_net_claims_one_queue_a_round_and_finds_what_a_stream_missed(
+    backend: Backend, init_tasks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet worker's periodic claim (the safety net under its stream) tries one queue at a
+    time, in turn, so its cost does not grow with the classes; and it still finds tasks that
+    no change announced (here the stream's filter matches nothing at all)."""
+    from beanie_tasks import store, worker
+
+    classes: list[type[Task]] = [QuietA, QuietB, QuietC, QuietD]
+    await init_tasks(Quiet, *classes)
+    monkeypatch.setattr(worker, "CLAIM_EVERY_QUIET_ROUNDS", 2)
+    monkeypatch.setattr(store, "claimable_changes", lambda collections=None: [{"$match": {"never": True}}])
+    async with running(Worker(classes, concurrency=4)):
+        await asyncio.sleep(1.0)  # started, and quiet: every stream up, nothing announced
+        backend.counter.reset()
+        await asyncio.sleep(3.0)
+        counted = zip(backend.counter.commands, backend.counter.targets, strict=True)
+        rounds = sum(1 for name, target in counted if name == "aggregate" and target == "idle_quiet")
+        claims = names(backend).get("findAndModify", 0)
+        for task_class in classes:
+            await task_class().push()  # announced by no change: only the safety net can find them
+
+        async def all_ran() -> bool:
+            return all([(await c.counts())[State.FINISHED] == 1 for c in classes])
+
+        await eventually(all_ran, timeout=20)
+    assert rounds >= 6, f"only {rounds} maintenance rounds in 3 s"
+    assert claims <= rounds // 2 + 1, f"{claims} claims in {rounds} quiet rounds: more than one queue per safety net"
