@@ -197,20 +197,21 @@ def validated_values(task: BaseModel) -> tuple[Any, ...] | None:
     return None
 
 
-def unchanged_since(task: BaseModel, snapshot: tuple[Any, ...] | None) -> bool:
-    """Whether every field still holds the very object validation produced, so validating again would not differ."""
-    if snapshot is None:
-        return False
+def copy_if_unchanged(task: Model, snapshot: tuple[Any, ...] | None, decided: dict[str, Any]) -> Model | None:
+    """A copy of ``task`` with ``decided`` fields set (marked set, as assignments mark them), if every
+    field still holds the very object validation produced (``snapshot``); None when one may not.
+
+    Validating such a task again would build the same values, so the copy stands for it.
+    """
     values = task.__dict__
-    return len(values) == len(snapshot) and all(map(is_, values.values(), snapshot))
-
-
-def copy_with(task: Model, decided: dict[str, Any]) -> Model:
-    """A copy of ``task`` (as ``copy.copy`` makes it) with ``decided`` fields set, marked as set."""
+    if snapshot is None or task.__pydantic_extra__ or len(values) != len(snapshot):
+        return None
+    if not all(map(is_, values.values(), snapshot)):
+        return None
     kind = type(task)
     twin = kind.__new__(kind)
-    object.__setattr__(twin, "__dict__", task.__dict__ | decided)
-    object.__setattr__(twin, "__pydantic_extra__", None)
+    object.__setattr__(twin, "__dict__", values | decided)
+    object.__setattr__(twin, "__pydantic_extra__", None if task.__pydantic_extra__ is None else {})
     object.__setattr__(twin, "__pydantic_fields_set__", task.__pydantic_fields_set__ | decided.keys())
     private = task.__pydantic_private__
     object.__setattr__(twin, "__pydantic_private__", None if private is None else dict(private))

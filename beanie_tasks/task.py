@@ -494,15 +494,15 @@ class Task(Document):
         }
         # A copy that is validated: again unless every field still holds what validation produced
         # when the task was built (a field set since, or one that can change in place, is validated).
-        if self.__pydantic_extra__ is None and modelling.unchanged_since(self, private.get("_validated")):
-            checked = modelling.copy_with(self, decided)
-        else:
+        checked = modelling.copy_if_unchanged(self, private.get("_validated"), decided)
+        if checked is None:
             checked = task_class.model_validate(dict(fields))
             modelling.assign(checked, decided)
         self._push_id = checked.id
         hooks.before_push(checked)
         links = dependencies.declared_links(task_class)
-        dependencies.require_pushed_links(task_class.__name__, links, fields)
+        if links:
+            dependencies.require_pushed_links(task_class.__name__, links, fields)
         document = modelling.stored_document(checked)
         partition = task_store.partition_field
         if partition is not None and document.get(partition) in (None, ""):
