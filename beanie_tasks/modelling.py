@@ -155,7 +155,9 @@ def assign(task: BaseModel, values: dict[str, Any]) -> None:
     pydantic's ``__setattr__`` of a field stores it and marks it set; that is done here in
     one step, unless the class validates assignments, which then get their validation.
     """
-    changes = {name: STATES.get(value) or State(value) if name == "state" else value for name, value in values.items()}
+    changes = dict(values)
+    if "state" in changes:
+        changes["state"] = STATES.get(changes["state"]) or State(changes["state"])
     if type(task).model_config.get("validate_assignment"):
         for name, value in changes.items():
             setattr(task, name, value)

@@ -484,21 +484,25 @@ class Task(Document):
             due = self.run_at or now
         task_class = type(self)
         fields = self.__dict__
-        # Private attributes read and set as pydantic stores them, without its per-name dispatch.
-        private = self.__pydantic_private__ or {}
+        # Private attributes read and set where pydantic keeps them, without its per-name dispatch.
+        private = self.__pydantic_private__
+        known = private or {}
         decided = {
             "state": State.CREATED,
             "run_at": due,
             "max_attempts": self.max_attempts or task_class.task_options.max_attempts,
-            "id": task_id or private.get("_push_id") or PydanticObjectId(),
+            "id": task_id or known.get("_push_id") or PydanticObjectId(),
         }
         # A copy that is validated: again unless every field still holds what validation produced
         # when the task was built (a field set since, or one that can change in place, is validated).
-        checked = modelling.copy_if_unchanged(self, private.get("_validated"), decided)
+        checked = modelling.copy_if_unchanged(self, known.get("_validated"), decided)
         if checked is None:
             checked = task_class.model_validate(dict(fields))
             modelling.assign(checked, decided)
-        self._push_id = checked.id
+        if private is not None:
+            private["_push_id"] = checked.id
+        else:
+            self._push_id = checked.id
         hooks.before_push(checked)
         links = dependencies.declared_links(task_class)
         if links:
