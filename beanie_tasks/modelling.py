@@ -166,17 +166,6 @@ def assign(task: BaseModel, values: dict[str, Any]) -> None:
     task.__pydantic_fields_set__.update(changes)
 
 
-def from_stored(task_class: type[Model], document: dict[str, Any]) -> Model:
-    """Validate ``document`` into a new ``task_class`` as ``BaseModel.__init__`` does, without the call chain.
-
-    For a class that keeps the base ``__init__`` (whose checks are for callers' values,
-    not stored ones); one with its own ``__init__`` must be built through it.
-    """
-    task = task_class.__new__(task_class)
-    task_class.__pydantic_validator__.validate_python(document, self_instance=task)
-    return task
-
-
 # ------------------------------------------------------------- validated once
 
 _immutable: set[type] = set(IMMUTABLE_TYPES)

@@ -169,12 +169,14 @@ class Store:
         class_field: str | None = None,
         class_ids: Callable[[], Sequence[str]] | None = None,
         partition_field: str | None = None,
+        class_id_key: str = "_class_id",
     ) -> None:
         self.name = name
         self.raw = collection
         self.collection = driver.primary(collection)
         self.options = options
-        self.class_field = class_field
+        self.class_field = class_field  # set only for classes that share a collection by inheritance
+        self.class_id_key = class_id_key  # where Beanie would name a document's class, inheritance or not
         self._class_ids = class_ids
         self.partition_field = partition_field
         self.limits = LimitPolicy.of(options)

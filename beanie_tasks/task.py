@@ -333,8 +333,11 @@ class Task(Document):
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
         """Validate stored data, where naive dates are UTC (see ``as_utc``)."""
         if type(obj) is dict and not args and not kwargs and cls.__init__ is Task.__init__:
-            built: Self = modelling.from_stored(cls, obj)
-            return built
+            # What ``BaseModel.__init__`` does, without the call chain: the base ``__init__`` only
+            # checks callers' values (every claim builds a task here).
+            task = cls.__new__(cls)
+            cls.__pydantic_validator__.validate_python(obj, self_instance=task)
+            return task
         token = _reading_stored.set(True)
         try:
             return super().model_validate(obj, *args, **kwargs)  # type: ignore[no-any-return,unused-ignore]
@@ -379,11 +382,13 @@ class Task(Document):
     def new_store(cls, collection: Any) -> Store:
         """A store for this class's commands on ``collection`` (async, or PyMongo's sync for ``push_sync``)."""
         inherits = bool(getattr(cls, "_inheritance_inited", False))
+        settings = cls.get_settings()
         return Store(
             cls.__name__,
             collection,
             cls.task_options,
-            class_field=cls.get_settings().class_id if inherits else None,
+            class_id_key=settings.class_id,
+            class_field=settings.class_id if inherits else None,
             class_ids=(lambda: [str(cls._class_id), *cls._children]) if inherits else None,
             partition_field=cls.task_options.partition_by,
         )
@@ -1290,7 +1295,7 @@ async def claim(
     """
     task_store = task_class.task_store()
     consumer = consumer_id or default_consumer_id()
-    class_field = task_class.get_settings().class_id
+    class_field = task_store.class_id_key
     tasks: list[T] = []
     for _ in range(MAX_QUARANTINES_PER_POP):
         wanted = count - len(tasks)
