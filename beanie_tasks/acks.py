@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
-from beanie.odm.utils.encoder import Encoder
 
+from beanie_tasks.modelling import encode_value
 from beanie_tasks.store import MAX_BATCH
 from beanie_tasks.task import Task
 
@@ -43,7 +43,7 @@ def bulk_ready(task: Task, result: Any) -> bool:
     if task.concurrency_key is not None and type(task).task_store().limits.key_concurrency is not None:
         return False  # its slot is given back by finish() itself
     try:
-        bson.encode({"result": Encoder(to_db=True).encode(result)})
+        bson.encode({"result": encode_value(result)})
     except Exception:  # finish() turns it into "result could not be stored"
         return False
     return True

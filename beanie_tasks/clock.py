@@ -64,7 +64,7 @@ class Offset:
 _offsets: dict[int, tuple[weakref.ref[Any], Offset]] = {}
 
 
-def _client_of(collection: Any) -> Any:
+def client_of(collection: Any) -> Any:
     return collection.database.client
 
 
@@ -79,25 +79,39 @@ def offset(collection: Any | None) -> timedelta:
     """The last measured offset of the client behind ``collection`` (zero before any)."""
     if collection is None:
         return timedelta(0)
-    known = _known(_client_of(collection))
+    known = _known(client_of(collection))
     return known.delta if known is not None else timedelta(0)
 
 
 def now(collection: Any | None = None) -> datetime:
     """The server's time as this client knows it, truncated to the millisecond."""
-    return to_millis(local_now() + offset(collection))
+    return now_of(client_of(collection) if collection is not None else None)
+
+
+def now_of(client: Any) -> datetime:
+    """``now()`` for the client behind a collection, when the caller holds the client (a store does).
+
+    Called on every claim and transition, so it does in one call what ``offset`` and
+    ``to_millis`` do.
+    """
+    value = local_now()
+    entry = _offsets.get(id(client)) if client is not None else None
+    if entry is not None and entry[0]() is client:
+        value += entry[1].delta
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
 
 
 def utcnow() -> datetime:
     """This host's time, truncated to the millisecond (for values that decide nothing on the server)."""
-    return to_millis(local_now())
+    value = local_now()  # every new task reads it: ``to_millis`` done in place
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
 
 
 async def sync(collection: Any) -> timedelta:
     """Measure the client's offset from the server now; warn when it is large."""
     before = local_now()
     server_time = await driver.server_time(collection)
-    return record(_client_of(collection), before, server_time, local_now())
+    return record(client_of(collection), before, server_time, local_now())
 
 
 def record(client: Any, before: datetime, server_time: datetime | None, after: datetime) -> timedelta:
@@ -131,7 +145,7 @@ def record(client: Any, before: datetime, server_time: datetime | None, after: d
 
 def is_stale(collection: Any) -> bool:
     """Whether the offset of the client behind ``collection`` is unknown or older than ``RESYNC_EVERY``."""
-    known = _known(_client_of(collection))
+    known = _known(client_of(collection))
     return known is None or time.monotonic() - known.measured_at >= RESYNC_EVERY
 
 

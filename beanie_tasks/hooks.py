@@ -13,9 +13,8 @@ around each ``push()`` in this process (registered with ``add_push_middleware``)
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,15 +151,26 @@ def after_push(task: Task, error: BaseException | None) -> None:
                 log.exception("middleware %s.after_push raised; ignored", _name(middleware))
 
 
-@contextlib.contextmanager
-def around_push(task: Task) -> Iterator[None]:
+class PushWatch:
+    """A context manager around one push's insert: tells the push middleware how it ended.
+
+    A class rather than a generator context manager, since it wraps every push.
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        if _push_middleware:
+            after_push(self.task, error)
+
+
+def around_push(task: Task) -> PushWatch:
     """Tell the push middleware how the insert of ``task`` ended (every producer, async or sync)."""
-    try:
-        yield
-    except BaseException as exc:
-        after_push(task, exc)
-        raise
-    after_push(task, None)
+    return PushWatch(task)
 
 
 # ------------------------------------------------------------ lifecycle

@@ -109,6 +109,9 @@ LIST_SORTS: dict[str, tuple[list[tuple[str, int]], str, bool]] = {
     "ended": ([("finished_at", DESCENDING), ("_id", DESCENDING)], FINISHED_INDEX, True),
 }
 IN_FLIGHT = sorted(s.value for s in IN_FLIGHT_STATES)
+# The stored strings of the states the hot path writes (an enum's ``.value`` is a Python-level property).
+STATE_VALUES = {state: state.value for state in State}
+CREATED, RUNNING = State.CREATED.value, State.RUNNING.value
 TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 # What a terminal write returns: enough to know whether dependents wait for it.
 ENDED_PROJECTION = {"dependents_pending": 1, "dependents_in": 1}
@@ -194,18 +197,27 @@ class Store:
         class_field: str | None = None,
         class_ids: Callable[[], Sequence[str]] | None = None,
         partition_field: str | None = None,
+        class_id_key: str = "_class_id",
     ) -> None:
         self.name = name
         self.raw = collection
         self.collection = driver.primary(collection)
         self.options = options
-        self.class_field = class_field
+        self.class_field = class_field  # set only for classes that share a collection by inheritance
+        self.class_id_key = class_id_key  # where Beanie would name a document's class, inheritance or not
         self._class_ids = class_ids
         self.partition_field = partition_field
         self.limits = LimitPolicy.of(options)
         self.blocks = KeyBlocks()
         self.limit_scope = f"{collection.name}:{name}"
         self._reconcile_after: Any = None
+        # Worked out once: every claim and transition needs them.
+        self.clock_client = clock.client_of(collection)
+        self.traits = driver.traits(collection)
+        self.claim_hint = driver.index_hint(collection, CLAIM_INDEX)
+        self.lease = options.lease
+        self.caps_keys = self.limits.key_concurrency is not None  # a task leaving RUNNING frees its key's slot
+        self.limited = self.limits.active
         # Tokens of claims whose reply was lost and whose undo could not be sent yet.
         self.undo_later: set[str] = set()
 
@@ -225,12 +237,12 @@ class Store:
         return list(self._class_ids())
 
     def now(self) -> datetime:
-        return clock.now(self.raw)
+        return clock.now_of(self.clock_client)
 
     def terminal_fields(self, state: State, now: datetime, ttl: float | None = None) -> dict[str, Any]:
         ttl = self.options.ttl if ttl is None else ttl
         return {
-            "state": state.value,
+            "state": STATE_VALUES[state],
             "finished_at": now,
             "expires_at": now + timedelta(seconds=ttl) if ttl is not None else None,
             "lease_expires_at": None,
@@ -321,7 +333,8 @@ class Store:
     # ----------------------------------------------------------- inserts
 
     async def insert(self, document: dict[str, Any]) -> None:
-        driver.check_document_size(self.raw, document)
+        if not self.traits.enforces_size:
+            driver.check_document_size(self.raw, document)
         await self.collection.insert_one(document)
 
     async def insert_many(self, documents: Sequence[dict[str, Any]]) -> BulkInsert:
@@ -406,11 +419,9 @@ class Store:
         if self.partition_field is not None and partition is not None:
             selector[self.partition_field] = partition
         # "state.0" exists only on an array, which an equality on "state" would match too.
-        return (
-            selector
-            | self.scope()
-            | {"state": State.CREATED.value, "state.0": {"$exists": False}, "run_at": {"$lte": now}}
-        )
+        if self.class_field is not None:
+            selector |= self.scope()
+        return selector | {"state": CREATED, "state.0": {"$exists": False}, "run_at": {"$lte": now}}
 
     async def next_due(self, now: datetime, partition: Any = None) -> datetime | None:
         """When this class's earliest waiting task falls due (after ``now``); None if none waits.
@@ -430,10 +441,10 @@ class Store:
     def _claim_update(self, now: datetime, consumer_id: str, token: str) -> dict[str, Any]:
         return {
             "$set": {
-                "state": State.RUNNING.value,
+                "state": RUNNING,
                 "consumer_id": consumer_id,
                 "lease_token": token,
-                "lease_expires_at": now + self.options.lease,
+                "lease_expires_at": now + self.lease,
                 "started_at": now,
             },
             "$inc": {"attempts": 1},
@@ -443,7 +454,7 @@ class Store:
         # An unpinned claim on a partitioned class has no index prefix to use: leave it to the planner.
         if self.partition_field is not None and partition is None:
             return {}
-        return driver.index_hint(self.raw, CLAIM_INDEX)
+        return self.claim_hint
 
     async def claim(
         self,
@@ -463,7 +474,7 @@ class Store:
         with rate or concurrency limits claims one candidate at a time, after taking
         what its limits require (``ignore_limits=True`` skips them on purpose).
         """
-        if self.limits.active and not ignore_limits:
+        if self.limited and not ignore_limits:
             claimed: list[dict[str, Any]] = []
             for _ in range(count):
                 document = await self._claim_limited(consumer_id, partition)
@@ -836,13 +847,17 @@ class Store:
 
     def lease_guard(self, task_id: Any, lease_token: str | None, partition: Any = None) -> dict[str, Any]:
         """The filter that makes a write apply only while the caller's view is current."""
-        if lease_token is not None:
-            return self.by_id(task_id, partition) | {"state": State.RUNNING.value, "lease_token": lease_token}
-        return self.by_id(task_id, partition) | {"state": State.CREATED.value, "lease_token": None}
+        selector: dict[str, Any] = {"_id": task_id}  # ``by_id``, in place: every transition builds one
+        if self.partition_field is not None and partition is not None:
+            selector[self.partition_field] = partition
+        selector["state"] = RUNNING if lease_token is not None else CREATED
+        selector["lease_token"] = lease_token
+        return selector
 
     async def end(self, guard: dict[str, Any], update: dict[str, Any]) -> dict[str, Any] | None:
         """A terminal write: returns what says whether dependents wait (None: the guard missed)."""
-        driver.check_storable(self.raw, update)
+        if not self.traits.enforces_size:
+            driver.check_storable(self.raw, update)
         found: dict[str, Any] | None = await self.collection.find_one_and_update(
             guard, update, projection=ENDED_PROJECTION, return_document=ReturnDocument.AFTER
         )

@@ -18,15 +18,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 from beanie import Document, PydanticObjectId
 from beanie.exceptions import CollectionWasNotInitialized
 from beanie.odm.fields import ExpressionField
-from beanie.odm.utils.dump import get_dict
-from beanie.odm.utils.encoder import Encoder
 from bson.errors import InvalidDocument
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 from pymongo.errors import (
     ConnectionFailure,
     DocumentTooLarge,
@@ -38,7 +36,7 @@ from pymongo.errors import (
 )
 from typing_extensions import Self
 
-from beanie_tasks import admin, clock, dependencies, driver, executors, hooks
+from beanie_tasks import admin, clock, dependencies, driver, executors, hooks, modelling
 from beanie_tasks import store as storage
 from beanie_tasks.clock import FAR_FUTURE, UtcDatetime, as_utc, utcnow
 from beanie_tasks.errors import (
@@ -81,6 +79,7 @@ BSON_OBJECT_TOO_LARGE = 10334
 # queue() looks for documents no claim can match once every this many recovery rounds.
 SWEEP_EVERY_RECOVERIES = 10
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATES)
+FINISHED = State.FINISHED.value
 Given = TypeVar("Given")
 
 # Set while stored data is validated (``model_validate``, which Beanie's reads use too):
@@ -106,8 +105,16 @@ def as_delay(value: object) -> timedelta:
     return delay
 
 
+_consumer_ids: dict[int, str] = {}
+
+
 def default_consumer_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid``, worked out once per process (every claim names its consumer)."""
+    pid = os.getpid()
+    known = _consumer_ids.get(pid)
+    if known is None:
+        known = _consumer_ids[pid] = f"{socket.gethostname()}:{pid}"
+    return known
 
 
 def describe_error(error: BaseException | str | None) -> str | None:
@@ -291,6 +298,14 @@ class Task(Document):
     # The id a failed push chose: pushing the same object again reuses it, so a retry
     # after an error whose write did land cannot store the task twice.
     _push_id: PydanticObjectId | None = PrivateAttr(default=None)
+    # What validation produced when the task was built (``modelling.validated_values``): while every
+    # field still holds it, push() need not validate the task a second time.
+    _validated: tuple[Any, ...] | None = PrivateAttr(default=None)
+
+    if not TYPE_CHECKING:
+        # Beanie's lazy_model intercepts every attribute read to parse fields on first use;
+        # a task is always parsed whole (``lazy_parse`` below), so reads go straight to the object.
+        __getattribute__ = object.__getattribute__
 
     def __init__(self, *args: Any, **data: Any) -> None:
         # Only values a caller passes are checked strictly; documents read back from a
@@ -299,11 +314,30 @@ class Task(Document):
             for name in ("run_at", "created_at"):
                 if data.get(name) is not None:
                     require_aware(name, data[name])
-        super().__init__(*args, **data)
+        if args:
+            super().__init__(*args, **data)  # pydantic refuses positional arguments, in its own words
+        else:
+            # What ``BaseModel.__init__`` does, without Beanie's check that the class was initialised
+            # (pushing an unregistered class raises NotRegistered, which says what to do).
+            self.__pydantic_validator__.validate_python(data, self_instance=self)
+        private = self.__pydantic_private__
+        if private is not None:  # always, once validated; set as pydantic would, without its per-name dispatch
+            private["_validated"] = modelling.validated_values(self)
+
+    @classmethod
+    def lazy_parse(cls, data: dict[str, Any], fields: Any = None) -> Self:
+        """Beanie's ``find(..., lazy_parse=True)``: a task is parsed whole, at once."""
+        return cls.model_validate(data)
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
         """Validate stored data, where naive dates are UTC (see ``as_utc``)."""
+        if type(obj) is dict and not args and not kwargs and cls.__init__ is Task.__init__:
+            # What ``BaseModel.__init__`` does, without the call chain: the base ``__init__`` only
+            # checks callers' values (every claim builds a task here).
+            task = cls.__new__(cls)
+            cls.__pydantic_validator__.validate_python(obj, self_instance=task)
+            return task
         token = _reading_stored.set(True)
         try:
             return super().model_validate(obj, *args, **kwargs)  # type: ignore[no-any-return,unused-ignore]
@@ -320,11 +354,7 @@ class Task(Document):
         if partition is not None and partition not in cls.model_fields:
             raise TypeError(f"{cls.__name__}: TaskSettings.partition_by names {partition!r}, which is not a field")
         dependencies.declared_links(cls)  # checks the link declarations at import
-
-    @field_validator("priority", mode="after")
-    @classmethod
-    def _plain_int_priority(cls, value: int) -> int:
-        return int(value)
+        modelling.speed_up_private_init(cls)
 
     @property
     def partition_value(self) -> Any:
@@ -352,11 +382,13 @@ class Task(Document):
     def new_store(cls, collection: Any) -> Store:
         """A store for this class's commands on ``collection`` (async, or PyMongo's sync for ``push_sync``)."""
         inherits = bool(getattr(cls, "_inheritance_inited", False))
+        settings = cls.get_settings()
         return Store(
             cls.__name__,
             collection,
             cls.task_options,
-            class_field=cls.get_settings().class_id if inherits else None,
+            class_id_key=settings.class_id,
+            class_field=settings.class_id if inherits else None,
             class_ids=(lambda: [str(cls._class_id), *cls._children]) if inherits else None,
             partition_field=cls.task_options.partition_by,
         )
@@ -420,7 +452,9 @@ class Task(Document):
         task_store = type(self).task_store()
         draft = self.push_draft(task_store, task_store.now(), delay=delay, run_at=run_at, task_id=task_id)
         with hooks.around_push(draft.checked):
-            plan = await dependencies.prepare_push(task_store, type(self).__name__, draft.links, draft.document)
+            plan = None
+            if draft.links:
+                plan = await dependencies.prepare_push(task_store, type(self).__name__, draft.links, draft.document)
             stored = await type(self)._insert(task_store, draft.document)
         if stored is not None:
             return stored
@@ -453,16 +487,32 @@ class Task(Document):
             due = now + as_delay(delay)
         else:
             due = self.run_at or now
-        fields = {name: getattr(self, name) for name in type(self).model_fields}
-        checked = type(self).model_validate(fields)
-        checked.state = State.CREATED
-        checked.run_at = due
-        checked.max_attempts = self.max_attempts or type(self).task_options.max_attempts
-        checked.id = self._push_id = task_id or self._push_id or PydanticObjectId()
+        task_class = type(self)
+        fields = self.__dict__
+        # Private attributes read and set where pydantic keeps them, without its per-name dispatch.
+        private = self.__pydantic_private__
+        known = private or {}
+        decided = {
+            "state": State.CREATED,
+            "run_at": due,
+            "max_attempts": self.max_attempts or task_class.task_options.max_attempts,
+            "id": task_id or known.get("_push_id") or PydanticObjectId(),
+        }
+        # A copy that is validated: again unless every field still holds what validation produced
+        # when the task was built (a field set since, or one that can change in place, is validated).
+        checked = modelling.copy_if_unchanged(self, known.get("_validated"), decided)
+        if checked is None:
+            checked = task_class.model_validate(dict(fields))
+            modelling.assign(checked, decided)
+        if private is not None:
+            private["_push_id"] = checked.id
+        else:
+            self._push_id = checked.id
         hooks.before_push(checked)
-        links = dependencies.declared_links(type(self))
-        dependencies.require_pushed_links(type(self).__name__, links, fields)
-        document = get_dict(checked, to_db=True, keep_nulls=True)
+        links = dependencies.declared_links(task_class)
+        if links:
+            dependencies.require_pushed_links(task_class.__name__, links, fields)
+        document = modelling.stored_document(checked)
         partition = task_store.partition_field
         if partition is not None and document.get(partition) in (None, ""):
             raise PushError(f"{type(self).__name__}.{partition} must be set: it is the class's partition_by field")
@@ -472,9 +522,16 @@ class Task(Document):
 
     def adopt_push(self, draft: PushDraft) -> None:
         """This task was stored as ``draft``: take its id and the fields the push decided."""
-        for name in ("id", "max_attempts", "trace_context"):
-            setattr(self, name, getattr(draft.checked, name))
-        self._adopt({k: draft.document[k] for k in ("state", "run_at", "error") if k in draft.document})
+        checked, stored = draft.checked.__dict__, draft.document
+        decided = {
+            "id": checked["id"],
+            "max_attempts": checked["max_attempts"],
+            "trace_context": checked["trace_context"],
+        }
+        for name in ("state", "run_at", "error"):
+            if name in stored:
+                decided[name] = stored[name]
+        modelling.assign(self, decided)
 
     @classmethod
     async def push_many(cls, tasks: Iterable[Self], *, chunk_size: int = PUSH_CHUNK) -> list[PushOutcome[Self]]:
@@ -821,12 +878,17 @@ class Task(Document):
     # ------------------------------------------------------------ transitions
 
     def _adopt(self, values: dict[str, Any]) -> None:
-        for name, value in values.items():
-            if name in type(self).model_fields:
-                setattr(self, name, State(value) if name == "state" else value)
+        fields = type(self).model_fields
+        modelling.assign(self, {name: value for name, value in values.items() if name in fields})
 
     async def _apply(
-        self, update: dict[str, Any], action: str, *, done: dict[str, Any] | None = None, guard_token: str | None = None
+        self,
+        update: dict[str, Any],
+        action: str,
+        *,
+        done: dict[str, Any] | None = None,
+        guard_token: str | None = None,
+        task_store: Store | None = None,
     ) -> None:
         """Write ``update`` under the lease guard; tell dependents when it ended the task.
 
@@ -836,8 +898,9 @@ class Task(Document):
         """
         if self.id is None:
             raise TransitionError(f"cannot {action} a {type(self).__name__} that was never pushed")
-        task_store = type(self).task_store()
-        guard = task_store.lease_guard(self.id, self.lease_token, self.partition_value)
+        task_store = task_store or type(self).task_store()
+        partition = self.partition_value if task_store.partition_field is not None else None
+        guard = task_store.lease_guard(self.id, self.lease_token, partition)
         fields = update.get("$set", {})
         ends = fields.get("state") in TERMINAL_VALUES
         returned: dict[str, Any] | None
@@ -855,7 +918,7 @@ class Task(Document):
             log.info("%s %s: %s had already been applied (retried write)", type(self).__name__, self.id, action)
             if ends:
                 returned = await task_store.find_by_id(self.id, storage.ENDED_PROJECTION)
-        if ends:
+        if ends and returned and returned.get("dependents_pending"):  # else nothing waits for it
             await dependencies.after_terminal(task_store, self.id, fields["state"], fields.get("error"), returned)
 
     async def _why_not(self, task_store: Store, action: str, done: dict[str, Any] | None) -> TransitionError | None:
@@ -884,12 +947,13 @@ class Task(Document):
     async def finish(self, result: Any = None) -> None:
         """Mark the task FINISHED and store ``result``; raises LeaseLost if the lease was lost."""
         task_store = type(self).task_store()
-        fields = task_store.terminal_fields(State.FINISHED, task_store.now()) | {
-            "result": Encoder(to_db=True).encode(result)
-        }
-        mine = {"state": State.FINISHED.value, "lease_token": self.lease_token}
+        fields = task_store.terminal_fields(State.FINISHED, task_store.now())
+        fields["result"] = result if result is None else modelling.encode_value(result)
+        token = self.lease_token
+        mine = {"state": FINISHED, "lease_token": token}
         try:
-            await self._apply({"$set": fields, "$unset": {"dedupe_slot": ""}}, "finish", done=mine)
+            update = {"$set": fields, "$unset": {"dedupe_slot": ""}}
+            await self._apply(update, "finish", done=mine, task_store=task_store)
         except (InvalidDocument, OverflowError, DocumentTooLarge) as exc:
             await self.fail(f"result could not be stored: {describe_error(exc)}", retry=False)
             return
@@ -898,9 +962,14 @@ class Task(Document):
                 raise
             await self.fail(f"result could not be stored: {describe_error(exc)}", retry=False)
             return
-        self._adopt(fields | {"result": result})
-        self._settled = True
-        await self._leave_running(self.lease_token)
+        modelling.assign(self, fields | {"result": result})  # every one a field: no need to sort them out
+        private = self.__pydantic_private__
+        if private is not None:
+            private["_settled"] = True  # as pydantic sets it, without its per-name dispatch
+        else:
+            self._settled = True
+        if task_store.caps_keys:
+            await self._leave_running(token)
 
     async def fail(
         self,
@@ -1035,12 +1104,11 @@ class Task(Document):
         """
         task_store = cls.task_store()
         now = task_store.now()
-        encoder = Encoder(to_db=True)
         terminal = task_store.terminal_fields(State.FINISHED, now)
         updates = [
             (
                 task_store.lease_guard(task.id, task.lease_token, task.partition_value),
-                {"$set": terminal | {"result": encoder.encode(result)}, "$unset": {"dedupe_slot": ""}},
+                {"$set": terminal | {"result": modelling.encode_value(result)}, "$unset": {"dedupe_slot": ""}},
             )
             for task, result in pairs
         ]
@@ -1188,6 +1256,8 @@ class Task(Document):
         return await admin.set_aside_unclaimable(cls.task_store(), limit=limit)
 
 
+modelling.speed_up_private_init(Task)
+
 T = TypeVar("T", bound=Task)
 
 
@@ -1239,6 +1309,7 @@ async def claim(
     """
     task_store = task_class.task_store()
     consumer = consumer_id or default_consumer_id()
+    class_field = task_store.class_id_key
     tasks: list[T] = []
     one_by_one = False  # after a batch was refused: single claims, until the refused document is found
     for _ in range(MAX_QUARANTINES_PER_POP):
@@ -1271,12 +1342,16 @@ async def claim(
                     guard["_id"] = document["_id"]
                 await admin.set_aside(task_store, {"_id": document.get("_id")}, reason, guard)
                 continue
-            foreign = foreign_reason(task_class, document)
-            if foreign is not None:
-                await admin.set_aside(task_store, document, foreign)
-                continue
+            # A document naming no class is this class's own (the common case: no inheritance).
+            model = task_class
+            if class_field in document:
+                foreign = foreign_reason(task_class, document)
+                if foreign is not None:
+                    await admin.set_aside(task_store, document, foreign)
+                    continue
+                model = model_for(task_class, document)
             try:
-                tasks.append(model_for(task_class, document).model_validate(document))
+                tasks.append(model.model_validate(document))
             except ValidationError as exc:
                 await admin.set_aside(task_store, document, quarantine_reason(task_class, exc))
         if len(tasks) >= count or len(documents) < wanted:
