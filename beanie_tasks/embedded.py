@@ -146,8 +146,7 @@ class EmbeddedServer:
         if self.syncs_on_commit:
             command.append("--sync-on-commit")
         self.command = command
-        # Without a log_path the server's output goes to its config directory, for the error below.
-        log = open(self.log_path or Path(self._config_dir, "server.log"), "ab")  # noqa: SIM115 - handed to the child
+        log = open(self._output_path(), "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         log.close()
         self._wait_until_listening(timeout)
@@ -163,17 +162,21 @@ class EmbeddedServer:
                     f"{SERVER_COMMAND} exited with code {self.process.returncode} on port {self.port}"
                     + (f": {said}" if said else "")
                 )
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+            if port_in_use(self.host, self.port):
                 return
             time.sleep(0.05)
         self.stop()
         raise EmbeddedServerError(f"{SERVER_COMMAND} did not listen on port {self.port} within {timeout:.0f}s")
 
+    def _output_path(self) -> Path:
+        """Where the server's output goes: ``log_path``, else its config directory (for ``_last_log_line``)."""
+        assert self._config_dir is not None
+        return Path(self.log_path or Path(self._config_dir, "server.log"))
+
     def _last_log_line(self) -> str:
         """The server's last line of output (why it exited), if it wrote one."""
-        path = self.log_path or (Path(self._config_dir, "server.log") if self._config_dir else None)
         try:
-            lines = Path(path).read_text(errors="replace").splitlines() if path else []
+            lines = self._output_path().read_text(errors="replace").splitlines()
         except OSError:
             return ""
         return next((line.strip() for line in reversed(lines) if line.strip()), "")
