@@ -228,6 +228,10 @@ class Wakeup:
         if earliest is None or due < earliest:
             self._rearm.set()  # a wait in progress works out its timeout again
 
+    def nothing_delayed(self) -> None:
+        """The database holds no delayed task of this stream's queues: no due time is left unremembered."""
+        self.overflowed = False
+
     @property
     def expecting(self) -> bool:
         """Whether announced due times are still ahead (or some could not be remembered)."""
@@ -258,6 +262,10 @@ class Wakeup:
                 now = self._now()
                 if earliest <= now:
                     self.dues.drop_until(now)
+                    if self.overflowed and not self.dues:
+                        # Every remembered time is spent and some were never remembered: the
+                        # next is read from the database, as after a stream opens.
+                        self.opened = True
                     return True  # a task announced earlier is due now
                 timeout = min(timeout, (earliest - now).total_seconds())
             if timeout <= 0:

@@ -431,12 +431,14 @@ class Worker:
 
     async def _learn_due_times(self, wakeups: list[Wakeup]) -> None:
         """After a stream opened, read when each queue's earliest delayed task falls due (the
-        stream announces later ones): one ``find`` per queue, only then."""
+        stream announces later ones): one ``find`` per queue, only then. A stream whose
+        announced times overflowed what it remembers reads again each time they are spent."""
         opened = [w for w in wakeups if w.opened]
         if not opened:
             return
         for wakeup in opened:
             wakeup.opened = False
+        delayed: set[Wakeup] = set()
         for task_class, partition in self._queues:
             wakeup = self._wakeup_of[task_class.collection().database.name]
             if wakeup not in opened:
@@ -448,9 +450,14 @@ class Worker:
                 log.debug(
                     "worker %s: could not read when %s is next due: %s", self.consumer_id, task_class.__name__, exc
                 )
+                delayed.add(wakeup)  # unknown: what it may have left unremembered stays so
                 continue
             if due is not None:
                 wakeup.expect(due)
+                delayed.add(wakeup)
+        for wakeup in opened:
+            if wakeup not in delayed:
+                wakeup.nothing_delayed()
 
     def _start_schedules(self) -> list[asyncio.Task[Any]]:
         """Run ``beanie_tasks.schedule.run_schedules`` alongside, when that module provides it."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from beanie_tasks import State, Task, Worker
+from beanie_tasks import State, Task, Worker, wakeup
 from beanie_tasks.testing import eventually, running
 from tests.conftest import Backend
 
@@ -180,3 +180,27 @@ async def test_the_safety_net_claims_one_queue_a_round_and_finds_what_a_stream_m
         await eventually(all_ran, timeout=20)
     assert rounds >= 6, f"only {rounds} maintenance rounds in 3 s"
     assert claims <= rounds // 2 + 1, f"{claims} claims in {rounds} quiet rounds: more than one queue per safety net"
+
+
+@pytest.mark.wire
+async def test_more_due_times_than_a_stream_remembers_still_start_on_time(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``MAX_DUES`` announced due times a stream keeps the earliest; once those are spent the
+    worker reads the next one from the database, so every delayed task starts when it falls
+    due, not at a later maintenance round (every 5 s)."""
+    monkeypatch.setattr(wakeup, "MAX_DUES", 2)
+    loop = asyncio.get_running_loop()
+    delays = [1.0 + 0.6 * n for n in range(5)]
+    async with running(Worker([Ping], concurrency=4)):
+        await asyncio.sleep(1.0)
+        pushed = loop.time()
+        for n, delay in enumerate(delays):
+            await Ping(name=f"d{n}").push(delay=delay)
+
+        async def all_started() -> bool:
+            return len(Started.at) == len(delays)
+
+        await eventually(all_started, timeout=15)
+    late = {f"d{n}": round(Started.at[f"d{n}"] - (pushed + delay), 2) for n, delay in enumerate(delays)}
+    assert all(seconds < 1.5 for seconds in late.values()), f"started this long after falling due: {late}"
