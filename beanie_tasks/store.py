@@ -873,12 +873,14 @@ class Store:
         """Apply guarded finishes in one ``bulk_write``, then read back which landed.
 
         Returns the ids now FINISHED under their caller's token, and of those the ones
-        whose dependents wait (one ``find`` reads both).
+        whose dependents wait (one ``find`` reads both). When every guarded update matched,
+        every task is finished, even one deleted before the read-back (a cleanup job, a
+        short TTL): only the dependents are read then.
         """
-        await driver.bulk_update(self.collection, updates)
+        matched = await driver.bulk_update(self.collection, updates)
         projection = {"state": 1, "lease_token": 1, **ENDED_PROJECTION}
         cursor = self.collection.find({"_id": {"$in": list(tokens)}}, projection)
-        finished: set[Any] = set()
+        finished: set[Any] = set(tokens) if matched == len(updates) else set()
         pending: list[dict[str, Any]] = []
         async for row in cursor:
             if row.get("state") == State.FINISHED.value and row.get("lease_token") == tokens[row["_id"]]:

@@ -166,6 +166,34 @@ async def test_in_a_bulk_finish_a_cancelled_task_is_dropped_and_an_unstorable_re
         assert done is not None and done.state is State.FINISHED and done.result == task.n
 
 
+async def test_a_bulk_finish_that_landed_counts_even_for_a_task_deleted_before_the_read_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cleanup job (or a short TTL) may delete a finished task at once. When every guarded
+    update of the bulk write matched, each task is finished: none is finished again one by
+    one, or logged as vanished."""
+    from beanie_tasks import claim_batch, driver
+
+    for n in range(3):
+        await Chore(n=n).push()
+    batch = await claim_batch(Chore, 3, consumer_id="bulk")
+    landed = driver.bulk_update
+
+    async def landed_then_deleted(collection: Any, updates: Any) -> int:
+        matched = await landed(collection, updates)
+        await collection.delete_one({"_id": batch[0].id})
+        return matched
+
+    monkeypatch.setattr(driver, "bulk_update", landed_then_deleted)
+    batcher = FinishBatcher(window=0.05)
+    with caplog.at_level("WARNING", logger="beanie_tasks"):
+        await asyncio.gather(*(batcher.finish(task, task.n) for task in batch))
+    assert batcher.bulk_writes == 1
+    assert all(task.state is State.FINISHED for task in batch)
+    assert not [r for r in caplog.records if "no longer exists" in r.getMessage()], caplog.text
+    assert await Chore.get(batch[0].id) is None
+
+
 async def test_dependents_are_told_when_their_dependency_finishes_in_a_bulk_write() -> None:
     parents = [await Upstream(n=n).push() for n in range(5)]
     children = [await Downstream(parent=parent).push() for parent in parents]  # type: ignore[arg-type]
