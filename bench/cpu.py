@@ -419,16 +419,18 @@ async def measure_cpu(
     rounds: int,
     tasks: int,
     worker_tasks: int,
+    path_rounds: int | None = None,
     concurrencies: tuple[int, ...],
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     """Every CPU-per-task comparison; lists hold one figure per round (µs of client CPU per task)."""
-    out: dict[str, Any] = {"rounds": rounds, "tasks": tasks, "worker_tasks": worker_tasks}
+    path_rounds = path_rounds or rounds
+    out: dict[str, Any] = {"rounds": rounds, "path_rounds": path_rounds, "tasks": tasks, "worker_tasks": worker_tasks}
     out["mirror_differences"] = await raw_matches_library(uri)
-    pushes = [await push_round(uri, tasks) for _ in range(rounds)]
+    pushes = [await push_round(uri, tasks) for _ in range(path_rounds)]
     out["push"] = {side: [push[side] for push in pushes] for side in ("ours", "raw", "built")}
     progress("cpu: push done")
-    pairs = [await pop_finish_round(uri, tasks) for _ in range(rounds)]
+    pairs = [await pop_finish_round(uri, tasks) for _ in range(path_rounds)]
     out["pop_finish"] = {"ours": [mine for mine, _ in pairs], "raw": [theirs for _, theirs in pairs]}
     progress("cpu: pop + finish done")
     out["worker"] = {}

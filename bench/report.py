@@ -414,7 +414,8 @@ def cpu_section(results: Results) -> str:
     return (
         "## 8. Client CPU per task\n\n"
         "CPU time of the client process only (`time.process_time()`; the server is a separate process), divided by "
-        f"the tasks: {run['rounds']} round(s) of {run['tasks']} tasks ({run['worker_tasks']} for the worker), "
+        f"the tasks: {run.get('path_rounds', run['rounds'])} round(s) of {run['tasks']} tasks for push and pop + "
+        f"finish, {run['rounds']} of {run['worker_tasks']} for the worker; "
         "beanie-tasks and the raw PyMongo loop alternating (which goes first alternates too). Microseconds per task, "
         "median (min-max) over the rounds; the ratio is the median (min-max) of each round's ratio. Within a round, "
         "push and pop + finish alternate with their raw loop in chunks of 10 tasks, in one database. The raw push "
@@ -443,7 +444,9 @@ def model_share(push: dict[str, list[float]]) -> str:
     return (
         f"Of `push()`'s {gap:.0f} µs over the raw insert, building the model (`CpuJob()`, pydantic validation "
         f"of every field, which the raw loop inserting a ready dict never pays) accounts for {built - raw:.0f} µs "
-        f"({(built - raw) / gap:.0%}); the rest, {ours - built:.0f} µs, is `push()`'s own work.\n\n"
+        f"({(built - raw) / gap:.0%}); the rest, {ours - built:.0f} µs, is `push()`'s own work. "
+        "Within 1.15x the raw insert, that is, the model's validation and `push()` together, would take a push "
+        "that skips the validation of a typed model (a dict API); see `docs/performance.md`, section 8.\n\n"
     )
 
 
@@ -468,6 +471,15 @@ def worker_commands_table(results: Results) -> str:
             f"({number(total)}: {verdict(total, BATCHED_COMMANDS_TARGET)}); at most {LEAN_COMMANDS_TARGET:g} with "
             f"lean change streams ({verdict(total, LEAN_COMMANDS_TARGET)}).",
         ]
+        work = total - at16["ours"]["commands_per_task"].get("getMore", 0.0)
+        if total > BATCHED_COMMANDS_TARGET >= work:
+            lines += [
+                "",
+                f"The claims and finishes alone are {number(work)} per task (met); the rest are the wake-up stream's "
+                "`getMore`s, which the server answered after writes its filter drops. A MongoDB server answers a "
+                "waiting `getMore` only when a matching change arrives or `maxAwaitTimeMS` passes "
+                "(see `docs/performance.md`, section 8).",
+            ]
     return "\n".join(lines)
 
 

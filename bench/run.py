@@ -56,8 +56,10 @@ class Sizes:
     # Dependency fan-out (dependents of one task) and fan-in (tasks one dependent waits for); `--links-large`
     # runs LARGE_LINK_FANS in a run of its own.
     link_fans: tuple[tuple[int, int], ...] = ((100, 100),)
-    # Client CPU per task: rounds of ours and the raw loop, alternating; tasks per round.
+    # Client CPU per task: rounds of ours and the raw loop, alternating; tasks per round. push() and
+    # pop() + finish() are cheap to repeat and their ratios close to their targets: more rounds.
     cpu_rounds: int = 5
+    cpu_path_rounds: int = 9
     cpu_tasks: int = 100
     cpu_worker_tasks: int = 100
     # The peers' own rounds (each peer runs them in one subprocess; their collection grows across rounds).
@@ -81,6 +83,7 @@ class Sizes:
             memory_budget_seconds=120.0,
             link_fans=((100, 100),),
             cpu_rounds=2,
+            cpu_path_rounds=2,
             cpu_tasks=40,
             cpu_worker_tasks=40,
             cpu_peer_rounds=2,
@@ -262,6 +265,7 @@ async def run(args: argparse.Namespace) -> Results:
             results.cpu = await cpu.measure_cpu(
                 uri,
                 rounds=sizes.cpu_rounds,
+                path_rounds=sizes.cpu_path_rounds,
                 tasks=sizes.cpu_tasks,
                 worker_tasks=sizes.cpu_worker_tasks,
                 concurrencies=sizes.concurrencies,

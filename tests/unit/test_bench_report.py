@@ -120,6 +120,16 @@ def test_cpu_section_splits_the_push_gap_into_building_the_model_and_push_itself
     assert "the rest, 100 µs, is `push()`'s own work" in cpu
 
 
+def test_a_command_target_missed_only_by_the_streams_getmores_says_so() -> None:
+    results = fake_results()
+    results.cpu["worker"][16]["ours"] = drain([3000.0, 3100.0], find=0.2, update=0.15, findAndModify=0.1, getMore=1.0)
+    cpu = section(write_markdown(results), "## 8. Client CPU per task")
+    assert "(1.45: MISSED)" in cpu
+    assert "The claims and finishes alone are 0.45 per task (met)" in cpu
+    # Met outright: no explanation.
+    assert "claims and finishes alone" not in section(write_markdown(fake_results()), "## 8. Client CPU per task")
+
+
 def test_cpu_section_counts_worker_commands_by_name_against_both_command_targets() -> None:
     cpu = section(write_markdown(fake_results()), "## 8. Client CPU per task")
     row16 = next(line for line in cpu.splitlines() if line.startswith("| 16 |"))
