@@ -58,7 +58,7 @@ class Sizes:
     link_fans: tuple[tuple[int, int], ...] = ((100, 100),)
     # Client CPU per task: rounds of ours and the raw loop, alternating; tasks per round. push() and
     # pop() + finish() are cheap to repeat and their ratios close to their targets: more rounds.
-    cpu_rounds: int = 5
+    cpu_rounds: int = 4
     cpu_path_rounds: int = 9
     cpu_tasks: int = 100
     cpu_worker_tasks: int = 100
