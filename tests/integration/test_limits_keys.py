@@ -8,6 +8,7 @@ frees makes them due again at once. Empty slot documents are removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import pytest
@@ -190,28 +192,27 @@ GATED_WORKER = SHARING_WORKER.replace(
 ).replace('"start": start,', '"start": start, "worker": sys.argv[3],')
 
 
-@pytest.mark.wire
-async def test_two_worker_processes_never_run_a_key_twice_at_once(backend: Backend, db: Any) -> None:
-    """Two worker processes (concurrency 4 each), both running before 32 tasks of 8 keys (cap 1 each)
-    arrive: no key ever runs twice at once, across processes, and every task runs exactly once.
+class SharedTenant(Task):
+    """The test side of the worker scripts' class of the same name (and collection)."""
 
-    The share is not asserted here, where timing decides it (a finisher is the first to see
-    its own key free): ``test_two_worker_processes_share_keyed_work`` asserts it with gates."""
+    n: int = 0
+
+    class TaskSettings:
+        key_concurrency = 1
+
+    async def run(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def two_worker_processes(script: str, backend: Backend, db: Any, *args: str) -> AsyncIterator[None]:
+    """Workers ``w1`` and ``w2`` running ``script`` on ``db``, claiming when the block starts, stopped at its end."""
     from beanie import init_beanie
 
-    class SharedTenant(Task):
-        n: int = 0
-
-        class TaskSettings:
-            key_concurrency = 1
-
-        async def run(self) -> None: ...
-
     await init_beanie(database=db, document_models=[SharedTenant])
-    command = [sys.executable, "-c", SHARING_WORKER, backend.uri or "", db.name]
+    command = [sys.executable, "-c", script, backend.uri or "", db.name]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     workers = [
-        subprocess.Popen([*command, name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220
+        subprocess.Popen([*command, name, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220
         for name in ("w1", "w2")
     ]
     try:
@@ -224,6 +225,22 @@ async def test_two_worker_processes_never_run_a_key_twice_at_once(backend: Backe
                     break
             else:
                 raise AssertionError(f"a worker exited before running: {''.join(seen)}")
+        yield
+    finally:
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in workers:
+            process.wait(30)
+
+
+@pytest.mark.wire
+async def test_two_worker_processes_never_run_a_key_twice_at_once(backend: Backend, db: Any) -> None:
+    """Two worker processes (concurrency 4 each), both running before 32 tasks of 8 keys (cap 1 each)
+    arrive: no key ever runs twice at once, across processes, and every task runs exactly once.
+
+    The share is not asserted here, where timing decides it (a finisher is the first to see
+    its own key free): ``test_two_worker_processes_share_keyed_work`` asserts it with gates."""
+    async with two_worker_processes(SHARING_WORKER, backend, db):
         for n in range(32):
             await SharedTenant(concurrency_key=f"k{n % 8}", n=n).push()
 
@@ -231,11 +248,6 @@ async def test_two_worker_processes_never_run_a_key_twice_at_once(backend: Backe
             return bool((await SharedTenant.counts())[State.FINISHED] == 32)
 
         await eventually(all_done, timeout=60)
-    finally:
-        for process in workers:
-            process.send_signal(signal.SIGTERM)
-        for process in workers:
-            process.wait(30)
     runs = [row async for row in db["runs"].find({})]
     assert len(runs) == 32
     assert Counter(row["task"] for row in runs).most_common(1)[0][1] == 1, "a task ran twice"
@@ -257,34 +269,8 @@ async def test_two_worker_processes_share_keyed_work(backend: Backend, db: Any, 
     against) stalls a round at 4 running. Which task of a key runs in which round is not
     asserted (see "Limitations" in docs/limits.md).
     """
-    from beanie import init_beanie
-
-    class SharedTenant(Task):
-        n: int = 0
-
-        class TaskSettings:
-            key_concurrency = 1
-
-        async def run(self) -> None: ...
-
-    await init_beanie(database=db, document_models=[SharedTenant])
-    command = [sys.executable, "-c", GATED_WORKER, backend.uri or "", db.name]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    workers = [
-        subprocess.Popen([*command, name, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220
-        for name in ("w1", "w2")
-    ]
     opened: set[int] = set()
-    try:
-        for process in workers:
-            assert process.stdout is not None
-            seen = []
-            for line in process.stdout:  # bounded: the worker logs "running" or exits
-                seen.append(line.decode(errors="replace"))
-                if " running " in seen[-1]:
-                    break
-            else:
-                raise AssertionError(f"a worker exited before running: {''.join(seen)}")
+    async with two_worker_processes(GATED_WORKER, backend, db, str(tmp_path)):
         for n in range(32):
             await SharedTenant(concurrency_key=f"k{n % 8}", n=n).push()
         for round_ in range(4):
@@ -306,11 +292,6 @@ async def test_two_worker_processes_share_keyed_work(backend: Backend, db: Any, 
             return bool((await SharedTenant.counts())[State.FINISHED] == 32)
 
         await eventually(all_done, timeout=30)
-    finally:
-        for process in workers:
-            process.send_signal(signal.SIGTERM)
-        for process in workers:
-            process.wait(30)
     runs = [row async for row in db["runs"].find({})]
     assert Counter(row["worker"] for row in runs) == {"w1": 16, "w2": 16}
     assert Counter(row["task"] for row in runs).most_common(1)[0][1] == 1, "a task ran twice"
