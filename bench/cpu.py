@@ -419,12 +419,11 @@ async def measure_cpu(
     rounds: int,
     tasks: int,
     worker_tasks: int,
-    path_rounds: int | None = None,
+    path_rounds: int,
     concurrencies: tuple[int, ...],
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     """Every CPU-per-task comparison; lists hold one figure per round (µs of client CPU per task)."""
-    path_rounds = path_rounds or rounds
     out: dict[str, Any] = {"rounds": rounds, "path_rounds": path_rounds, "tasks": tasks, "worker_tasks": worker_tasks}
     out["mirror_differences"] = await raw_matches_library(uri)
     pushes = [await push_round(uri, tasks) for _ in range(path_rounds)]
